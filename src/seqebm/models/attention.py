@@ -1,0 +1,105 @@
+"""Multi-head attention with a preallocated KV cache, shared by the decoder-only and
+encoder-decoder Transformers.
+
+Notation: B batch, T query length, C cache capacity, H heads, Dh head width, D model width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention (``F.scaled_dot_product_attention``) with optional cache."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, Dh)
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``memory`` (B, S, D) as (B, H, S, Dh) each."""
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D) queries
+        k: Tensor,  # (B, H, S, Dh)
+        v: Tensor,  # (B, H, S, Dh)
+        attn_mask: Tensor | None = None,  # bool, broadcastable to (B, H, T, S); True = attend
+        is_causal: bool = False,
+    ) -> Tensor:
+        q = self._split(self.q_proj(x))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, Dh)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers, batch-first: ``k[l]`` is (B, H, C, Dh).
+
+    ``length`` is the number of filled positions (shared by all rows).
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], length: int = 0) -> None:
+        self.keys = keys
+        self.values = values
+        self.length = length
+
+    @classmethod
+    def empty(
+        cls, n_layers: int, batch_size: int, n_heads: int, capacity: int, head_dim: int,
+        device: torch.device | str, dtype: torch.dtype,
+    ) -> "KVCache":
+        shape = (batch_size, n_heads, capacity, head_dim)
+        keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        return cls(keys, values, 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values (B, H, S, Dh) after ``length``; return the filled views."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {end} positions requested, capacity is {self.capacity} "
+                "(sequence longer than the model's context?)"
+            )
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, index: Tensor) -> "KVCache":
+        """A new cache holding rows ``index`` (repeats allowed) up to ``length``."""
+        index = index.to(self.keys[0].device)
+        keys = [k.index_select(0, index) for k in self.keys]
+        values = [v.index_select(0, index) for v in self.values]
+        return KVCache(keys, values, self.length)
+
+
+def chunk_causal_mask(query_len: int, past_len: int, device: torch.device) -> Tensor | None:
+    """Bool mask (T, past+T) letting query i see keys ``<= past + i``; None when T == 1."""
+    if query_len == 1:
+        return None
+    q = torch.arange(query_len, device=device).unsqueeze(1) + past_len
+    kpos = torch.arange(past_len + query_len, device=device).unsqueeze(0)
+    return kpos <= q

@@ -1,0 +1,69 @@
+"""Configs of the optimiser and the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SCHEDULES = ("constant", "inverse_sqrt", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # constant | inverse_sqrt | cosine
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    max_epochs: int | None = None
+    grad_accum: int = 1  # micro-batches per step (each global batch is split into this many)
+    eval_every: int = 200
+    log_every: int = 10
+    checkpoint_every: int = 200
+    patience: int | None = None  # evaluations without improvement before stopping early
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "eval_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.patience is not None and self.patience <= 0:
+            raise ValueError(f"train.patience must be positive or null, got {self.patience}")
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then the schedule."""
+    warm = cfg.warmup_steps
+    if warm and step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * ((max(warm, 1)) / (step + 1)) ** 0.5
+    import math
+
+    span = max(1, total_steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,267 @@
+"""One training loop for every objective.
+
+``Trainer(model, objective, train_source, ...)`` runs AdamW with a warm-up schedule, gradient
+clipping and accumulation, bf16 autocast on CUDA, periodic evaluation with early stopping,
+atomic checkpoints (safetensors) and exact resumption, JSONL metrics, a tqdm bar, and DDP when
+launched with ``torchrun``.
+
+Exactness contract: a step consumes one *global* batch ``train_source.batch(epoch, i)``; under
+DDP each rank takes a contiguous shard of its rows, and with ``grad_accum = m`` the shard is cut
+into m micro-batches. Micro-batch losses are weighted by their share of the global token count,
+so the gradient equals that of one big batch on one process (for token-mean objectives).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from seqebm.data.batching import Batch
+from seqebm.training.checkpoint import load_checkpoint, save_checkpoint, save_model
+from seqebm.training.config import OptimConfig, TrainerConfig, lr_at
+from seqebm.training.distributed import DistInfo, all_reduce_sum, barrier
+
+CHECKPOINT = "checkpoint.safetensors"
+BEST_MODEL = "model.safetensors"
+METRICS = "metrics.jsonl"
+
+
+class BatchSource(Protocol):
+    def num_batches(self) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> Batch: ...
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training cleanly after the current step."""
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings' 1-D params."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: nn.Module,
+        train_source: BatchSource,
+        *,
+        optim: OptimConfig,
+        train: TrainerConfig,
+        run_dir: str | Path,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        device: torch.device | None = None,
+        dist_info: DistInfo | None = None,
+        callbacks: list[Callable[["Trainer"], None]] | None = None,
+        extra_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg, self.optim_cfg = train, optim
+        self.dist = dist_info or DistInfo()
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device)
+        self.objective = objective.to(self.device)
+        self.train_source = train_source
+        self.evaluate_fn = evaluate
+        self.run_dir = Path(run_dir)
+        self.callbacks = callbacks or []
+        self.wrapped: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(self.model, optim)
+        self.state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "position": 0, "best": None, "bad_evals": 0,
+            "tokens_seen": 0, "elapsed_s": 0.0, **(extra_state or {}),
+        }
+        self._tb = None
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
+                            trainer_state=self.state)
+        barrier(self.dist)
+
+    def resume(self) -> None:
+        """Continue from ``run_dir/checkpoint.safetensors`` (weights, optimizer, RNG, data position)."""
+        state = load_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer)
+        state.pop("extra_tensors", None)
+        self.state.update(state)
+
+    # ----------------------------------------------------------------- logging
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self._tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
+
+    def _open_tensorboard(self) -> None:
+        if self.cfg.tensorboard and self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # tensorboard is optional
+                raise ValueError("train.tensorboard=true needs the `tensorboard` package") from e
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ----------------------------------------------------------------- one step
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """Forward/backward over the global ``batch`` and one optimiser update."""
+        step = self.state["step"]
+        local = batch.shard(self.dist.rank, self.dist.world_size) if self.dist.enabled else batch
+        m = self.cfg.grad_accum
+        if len(local) < m:
+            raise ValueError(f"a batch of {len(local)} rows per rank cannot be split into grad_accum={m} micro-batches")
+        bounds = [round(i * len(local) / m) for i in range(m + 1)]
+        micro = [local.rows(slice(bounds[i], bounds[i + 1])) for i in range(m)]
+        global_tokens = all_reduce_sum(torch.tensor(float(local.num_tokens), device=self.device), self.dist)
+        lr = lr_at(step, self.optim_cfg, self.cfg.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        sums: dict[str, Tensor] = {}
+        loss_total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro):
+            mb = mb.to(self.device)
+            sync = nullcontext()
+            if self.dist.enabled and i < m - 1:
+                sync = self.wrapped.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.objective(self.wrapped, mb, step=step)
+                weight = mb.num_tokens * self.dist.world_size / global_tokens.clamp_min(1)
+                (out.loss * weight).backward()
+            loss_total += out.loss.detach() * weight / self.dist.world_size
+            for k, v in out.metrics.items():
+                v = v if isinstance(v, Tensor) else torch.tensor(float(v))
+                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().to(self.device).float()
+        grad_norm = None
+        if self.optim_cfg.clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # aggregate metrics across ranks (sums), then normalise per token
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] for k in keys] + [loss_total]) if keys else loss_total[None]
+        packed = all_reduce_sum(packed, self.dist).tolist()
+        metrics = dict(zip(keys, packed[:-1]))
+        result = {"loss": packed[-1], "lr": lr}
+        tokens = metrics.pop("tokens", 0.0)
+        for k, v in metrics.items():
+            result[k.removesuffix("_sum")] = v / tokens if tokens else v
+        if "nll" in result:
+            result["ppl"] = math.exp(min(result["nll"], 50.0))
+        if grad_norm is not None:
+            result["grad_norm"] = float(grad_norm)
+        result["tokens"] = tokens
+        self.state["step"] = step + 1
+        self.state["tokens_seen"] += int(tokens)
+        return result
+
+    # ----------------------------------------------------------------- evaluation
+    def run_evaluation(self) -> dict[str, float] | None:
+        if self.evaluate_fn is None:
+            return None
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        key = metrics.get("loss")
+        improved = key is not None and (self.state["best"] is None or key < self.state["best"])
+        if improved:
+            self.state["best"], self.state["bad_evals"] = key, 0
+            if self.dist.is_main:
+                save_model(self.model, self.run_dir / BEST_MODEL, {"step": self.state["step"], "valid": metrics})
+        elif key is not None:
+            self.state["bad_evals"] += 1
+        self._log({"split": "valid", "step": self.state["step"], **metrics})
+        return metrics
+
+    # ----------------------------------------------------------------- loop
+    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train until ``max_steps``/``max_epochs`` or early stopping; returns the final state."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        else:
+            torch.manual_seed(self.cfg.seed)
+        self._open_tensorboard()
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not (cfg.progress and self.dist.is_main),
+                   desc="train", dynamic_ncols=True, unit="step")
+        n_batches = self.train_source.num_batches()
+        t_start, t_window, tok_window = time.perf_counter(), time.perf_counter(), 0.0
+        elapsed0 = self.state["elapsed_s"]
+        stop = False
+        try:
+            while not stop and self.state["step"] < cfg.max_steps:
+                if cfg.max_epochs is not None and self.state["epoch"] >= cfg.max_epochs:
+                    break
+                epoch = self.state["epoch"]
+                for position in range(self.state["position"], n_batches):
+                    batch = self.train_source.batch(epoch, position)
+                    metrics = self.train_step(batch)
+                    self.state["position"] = position + 1
+                    if self.state["position"] >= n_batches:
+                        self.state["epoch"], self.state["position"] = epoch + 1, 0
+                    self.state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+                    step = self.state["step"]
+                    tok_window += metrics["tokens"]
+                    if step % cfg.log_every == 0 or step == cfg.max_steps:
+                        now = time.perf_counter()
+                        metrics["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
+                        t_window, tok_window = now, 0.0
+                        self._log({"split": "train", "step": step, "epoch": epoch, **metrics})
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ppl=f"{metrics.get('ppl', float('nan')):.1f}",
+                                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    bar.update(1)
+                    if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                        self.run_evaluation()
+                        if cfg.patience is not None and self.state["bad_evals"] >= cfg.patience:
+                            stop = True
+                            self.state["stopped_early"] = True
+                    if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+                        self.save()
+                    for cb in self.callbacks:
+                        cb(self)
+                    if stop or step >= cfg.max_steps:
+                        break
+        except StopTraining:
+            self.save()
+        finally:
+            if self.evaluate_fn is None and self.dist.is_main:
+                save_model(self.model, self.run_dir / BEST_MODEL, {"step": self.state["step"]})
+            bar.close()
+            if self._tb is not None:
+                self._tb.close()
+        return dict(self.state)
