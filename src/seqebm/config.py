@@ -63,6 +63,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ValueError(f"config key '{path}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{path}' must be a number, got {value!r}")
         return float(value)

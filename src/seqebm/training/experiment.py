@@ -1,0 +1,202 @@
+"""Experiments: a typed config tree -> task, model, objective, trainer -> a run folder.
+
+A run folder holds ``config.yaml``, ``tokenizer/``, ``checkpoint.safetensors`` (for resuming),
+``model.safetensors`` (best weights), ``metrics.jsonl``, ``curves.png``, ``results.json`` and
+``report.md``. An existing run folder is never overwritten: pass ``resume=True`` to continue it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqebm.config import save_config
+from seqebm.models import ARCHITECTURES, build_model
+from seqebm.objectives import ScheduledSamplingLoss, TeacherForcingLoss
+from seqebm.training.checkpoint import atomic_write_text, load_model
+from seqebm.training.config import OptimConfig, TrainerConfig
+from seqebm.training.distributed import init_distributed, resolve_device
+from seqebm.training.trainer import BEST_MODEL, CHECKPOINT, METRICS, Trainer
+
+OBJECTIVES = ("teacher_forcing", "scheduled_sampling")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "wiki-mini"  # wiki-mini | digits | a .txt/.jsonl file or a folder with train/valid/test
+    tokenizer: str = "bpe"  # bpe | char
+    vocab_size: int = 4000
+    seq_len: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_train_docs: int | None = None  # cap the training split (quick runs)
+    cache_dir: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("bpe", "char"):
+            raise ValueError(f"data.tokenizer must be 'bpe' or 'char', got {self.tokenizer!r}")
+        for name in ("vocab_size", "seq_len", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None
+    dropout: float = 0.1
+    max_len: int | None = None  # default: data.seq_len + 1 (LMs), 64 (digits)
+    hidden: int | None = None  # RNN hidden width (default d_model)
+    channels: int = 64  # PixelCNN width
+    tie_embeddings: bool = True
+    hf_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"model.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "teacher_forcing"  # teacher_forcing | scheduled_sampling
+    label_smoothing: float = 0.0
+    ss_mode: str = "two_pass"  # two_pass | sequential
+    ss_schedule: str = "inverse_sigmoid"
+    ss_k: float = 2000.0
+    ss_min: float = 0.0
+    ss_predict: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 5
+    sample_tokens: int = 60
+    top_k: int | None = 40
+    temperature: float = 1.0
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "experiment"
+
+
+def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
+    """The task named by ``cfg.data.corpus`` (tokenizer saved under ``run_dir/tokenizer``)."""
+    from seqebm.training.tasks import DigitsTask, TextLMTask
+
+    d = cfg.data
+    if d.corpus == "digits":
+        from seqebm.data.digits import load_digits_dataset
+
+        return DigitsTask(load_digits_dataset(d.cache_dir, seed=d.seed), batch_size=d.batch_size,
+                          seed=cfg.train.seed, eval_batch_size=d.eval_batch_size)
+    from seqebm.data.corpora import load_corpus
+
+    corpus = load_corpus(d.corpus, cache_dir=d.cache_dir, seed=d.seed)
+    if d.max_train_docs is not None:
+        corpus.train = corpus.train[: d.max_train_docs]
+    return TextLMTask.build(corpus, tokenizer_kind=d.tokenizer, vocab_size=d.vocab_size,
+                            tokenizer_dir=None if run_dir is None else run_dir / "tokenizer",
+                            seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.train.seed,
+                            eval_batch_size=d.eval_batch_size)
+
+
+def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
+    m = cfg.model
+    max_len = m.max_len or (64 if task.kind == "digits" else cfg.data.seq_len + 1)
+    if task.kind == "digits" and m.arch not in ("pixelcnn", "gated_pixelcnn"):
+        raise ValueError(f"the digits task needs model.arch pixelcnn or gated_pixelcnn, got {m.arch!r}")
+    if task.kind != "digits" and m.arch in ("pixelcnn", "gated_pixelcnn"):
+        raise ValueError(f"model.arch={m.arch} only fits the digits corpus, not {cfg.data.corpus!r}")
+    model = build_model(m.arch, task.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+                        d_ff=m.d_ff, dropout=m.dropout, max_len=max_len, hidden=m.hidden, channels=m.channels,
+                        tie_embeddings=m.tie_embeddings, hf_path=m.hf_path)
+    if model.vocab_size != task.vocab_size:
+        raise ValueError(f"model vocabulary ({model.vocab_size}) != tokenizer vocabulary ({task.vocab_size})")
+    return model
+
+
+def build_objective(cfg: ObjectiveConfig) -> nn.Module:
+    if cfg.name == "teacher_forcing":
+        return TeacherForcingLoss(label_smoothing=cfg.label_smoothing)
+    return ScheduledSamplingLoss(mode=cfg.ss_mode, schedule=cfg.ss_schedule, k=cfg.ss_k, minimum=cfg.ss_min,
+                                 predict=cfg.ss_predict)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {run_dir}")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder already exists: {run_dir} (use --resume to continue it, "
+                              "or choose another --run-dir); nothing was overwritten")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
+                   log=print) -> dict[str, Any]:
+    """Train, evaluate on valid/test with the best weights, sample, and write the report."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.train.device)
+    dist_info = init_distributed(device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{dist_info.local_rank}")
+    if dist_info.is_main:
+        prepare_run_dir(run_dir, resume)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    task = build_task(cfg, run_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model_for(cfg, task)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[seqebm] {cfg.name}: task={task.kind} vocab={task.vocab_size} arch={cfg.model.arch} "
+        f"params={n_params / 1e6:.2f}M train_batches/epoch={task.train_source.num_batches()} device={device}")
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return task.evaluate(m, "valid", device)
+
+    trainer = Trainer(model, build_objective(cfg.objective), task.train_source, optim=cfg.optim, train=cfg.train,
+                      run_dir=run_dir, evaluate=evaluate, device=device, dist_info=dist_info)
+    state = trainer.fit(resume=resume)
+    if (run_dir / BEST_MODEL).exists():
+        load_model(model, run_dir / BEST_MODEL)
+    results: dict[str, Any] = {"name": cfg.name, "task": task.kind, "params": n_params, "steps": state["step"],
+                               "tokens_seen": state["tokens_seen"], "train_time_s": state["elapsed_s"]}
+    for split in ("valid", "test"):
+        results[split] = task.evaluate(model, split, device)
+    e = cfg.eval
+    results["samples"] = task.samples(model, e.num_samples, e.sample_tokens, device=device, top_k=e.top_k,
+                                      temperature=e.temperature, seed=cfg.train.seed) if e.num_samples else []
+    results["wall_time_s"] = time.perf_counter() - t0
+    if dist_info.is_main:
+        from seqebm.eval.plots import plot_curves
+        from seqebm.eval.report import write_report
+
+        plot_curves(run_dir / METRICS, run_dir / "curves.png", keys=("loss", "ppl"))
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+        write_report(run_dir, cfg, results)
+    return results
