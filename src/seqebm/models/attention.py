@@ -52,15 +52,19 @@ class MultiHeadAttention(nn.Module):
 
 
 class KVCache:
-    """Preallocated per-layer key/value buffers, batch-first: ``k[l]`` is (B, H, C, Dh).
+    """Per-layer key/value buffers, batch-first: ``keys[l]`` is (B, H, C, Dh).
 
-    ``length`` is the number of filled positions (shared by all rows).
+    ``length`` is the number of filled positions (shared by all rows) and ``limit`` the most
+    positions the cache may hold. Inference writes into preallocated buffers in place; when
+    autograd needs the keys/values (training through ``step``), the buffers grow out of place
+    instead, so that earlier steps' tensors are never modified.
     """
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], length: int = 0) -> None:
+    def __init__(self, keys: list[Tensor], values: list[Tensor], length: int = 0, limit: int | None = None) -> None:
         self.keys = keys
         self.values = values
         self.length = length
+        self.limit = limit if limit is not None else keys[0].shape[2]
 
     @classmethod
     def empty(
@@ -70,30 +74,38 @@ class KVCache:
         shape = (batch_size, n_heads, capacity, head_dim)
         keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        return cls(keys, values, 0)
+        return cls(keys, values, 0, capacity)
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.limit
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store new keys/values (B, H, S, Dh) after ``length``; return the filled views."""
         start, end = self.length, self.length + k.shape[2]
-        if end > self.capacity:
+        if end > self.limit:
             raise ValueError(
-                f"KV cache overflow: {end} positions requested, capacity is {self.capacity} "
+                f"KV cache overflow: {end} positions requested, capacity is {self.limit} "
                 "(sequence longer than the model's context?)"
             )
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            self.keys[layer] = torch.cat([self.keys[layer][:, :, :start], k], 2)
+            self.values[layer] = torch.cat([self.values[layer][:, :, :start], v], 2)
+            return self.keys[layer], self.values[layer]
+        if self.keys[layer].shape[2] < end:  # a grown (out-of-place) buffer: keep growing
+            self.keys[layer] = torch.cat([self.keys[layer][:, :, :start], k], 2)
+            self.values[layer] = torch.cat([self.values[layer][:, :, :start], v], 2)
+        else:
+            self.keys[layer][:, :, start:end] = k
+            self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, index: Tensor) -> "KVCache":
-        """A new cache holding rows ``index`` (repeats allowed) up to ``length``."""
+        """A new cache holding rows ``index`` (repeats allowed)."""
         index = index.to(self.keys[0].device)
         keys = [k.index_select(0, index) for k in self.keys]
         values = [v.index_select(0, index) for v in self.values]
-        return KVCache(keys, values, self.length)
+        return KVCache(keys, values, self.length, self.limit)
 
 
 def chunk_causal_mask(query_len: int, past_len: int, device: torch.device) -> Tensor | None:
