@@ -28,8 +28,33 @@ OBJECTIVES = ("teacher_forcing", "scheduled_sampling")
 
 
 @dataclass
+class SyntheticConfig:
+    """Sizes of the synthetic corpora (``data.corpus`` = ``oracle`` or ``synthetic-translation``)."""
+
+    n_words: int = 1000
+    length: int = 20  # oracle: sequence length (max length if variable_length)
+    variable_length: bool = False
+    arch: str = "lstm"  # the oracle's network: lstm | transformer
+    temperature: float = 1.0
+    n_train: int = 10000
+    n_valid: int = 1000
+    n_test: int = 1000
+    oracle_samples: int = 1000  # model samples scored by the oracle (NLL_oracle)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_words", "length", "n_train", "n_valid", "n_test"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.synthetic.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class DataConfig:
-    corpus: str = "wiki-mini"  # wiki-mini | digits | a .txt/.jsonl file or a folder with train/valid/test
+    # wiki-mini | digits | oracle | synthetic-translation | a .txt/.jsonl file or a folder with train/valid/test
+    corpus: str = "wiki-mini"
+    source_file: str | None = None  # users' parallel data: source side (one sentence per line)
+    target_file: str | None = None  # ... and the target side; together they select the translation task
+    max_tokens: int = 4096  # token budget per batch for translation (E-Forcing App. A.2)
     tokenizer: str = "bpe"  # bpe | char
     vocab_size: int = 4000
     seq_len: int = 128
@@ -38,8 +63,11 @@ class DataConfig:
     max_train_docs: int | None = None  # cap the training split (quick runs)
     cache_dir: str | None = None
     seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        if (self.source_file is None) != (self.target_file is None):
+            raise ValueError("data.source_file and data.target_file must be given together")
         if self.tokenizer not in ("bpe", "char"):
             raise ValueError(f"data.tokenizer must be 'bpe' or 'char', got {self.tokenizer!r}")
         for name in ("vocab_size", "seq_len", "batch_size", "eval_batch_size"):
@@ -103,31 +131,86 @@ class ExperimentConfig:
 
 
 def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
-    """The task named by ``cfg.data.corpus`` (tokenizer saved under ``run_dir/tokenizer``)."""
+    """The task named by ``cfg.data`` (a tokenizer is saved under ``run_dir/tokenizer``)."""
     from seqebm.training.tasks import DigitsTask, TextLMTask
 
     d = cfg.data
+    tok_dir = None if run_dir is None else run_dir / "tokenizer"
     if d.corpus == "digits":
         from seqebm.data.digits import load_digits_dataset
 
         return DigitsTask(load_digits_dataset(d.cache_dir, seed=d.seed), batch_size=d.batch_size,
                           seed=cfg.train.seed, eval_batch_size=d.eval_batch_size)
+    if d.corpus == "oracle":
+        return _oracle_task(cfg, run_dir)
+    if d.corpus == "synthetic-translation" or d.source_file is not None:
+        return _translation_task(cfg, tok_dir)
     from seqebm.data.corpora import load_corpus
 
     corpus = load_corpus(d.corpus, cache_dir=d.cache_dir, seed=d.seed)
     if d.max_train_docs is not None:
         corpus.train = corpus.train[: d.max_train_docs]
-    return TextLMTask.build(corpus, tokenizer_kind=d.tokenizer, vocab_size=d.vocab_size,
-                            tokenizer_dir=None if run_dir is None else run_dir / "tokenizer",
+    return TextLMTask.build(corpus, tokenizer_kind=d.tokenizer, vocab_size=d.vocab_size, tokenizer_dir=tok_dir,
                             seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.train.seed,
                             eval_batch_size=d.eval_batch_size)
 
 
+def _oracle_task(cfg: ExperimentConfig, run_dir: Path | None):
+    from seqebm.data.synthetic_oracle import OracleLM
+    from seqebm.training.tasks_synthetic import OracleLMTask
+
+    s = cfg.data.synthetic
+    oracle_dir = None if run_dir is None else run_dir / "oracle"
+    if oracle_dir is not None and oracle_dir.exists():
+        oracle = OracleLM.load(oracle_dir)
+    else:
+        oracle = OracleLM(n_words=s.n_words, length=s.length, variable_length=s.variable_length, arch=s.arch,
+                          temperature=s.temperature, seed=s.seed)
+        if oracle_dir is not None:
+            oracle.save(oracle_dir)
+    splits = oracle.make_splits(s.n_train, s.n_valid, s.n_test, seed=s.seed)
+    return OracleLMTask(oracle, splits, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
+                        eval_batch_size=cfg.data.eval_batch_size, oracle_samples=s.oracle_samples)
+
+
+def _translation_task(cfg: ExperimentConfig, tok_dir: Path | None):
+    from seqebm.data.tokenizers import build_tokenizer, load_tokenizer
+    from seqebm.training.tasks_synthetic import TranslationTask
+
+    d, s = cfg.data, cfg.data.synthetic
+    if d.source_file is not None:
+        from seqebm.data.corpora import load_parallel_corpus
+
+        corpus = load_parallel_corpus(d.source_file, d.target_file, seed=d.seed)
+        pairs = {"train": corpus.train, "valid": corpus.valid, "test": corpus.test}
+    else:
+        from seqebm.data.synthetic_translation import SyntheticTranslation
+
+        pairs = SyntheticTranslation(n_words=s.n_words, seed=s.seed).generate(s.n_train, s.n_valid, s.n_test)
+    if d.max_train_docs is not None:
+        pairs["train"] = pairs["train"][: d.max_train_docs]
+    if tok_dir is not None and tok_dir.exists():
+        tok = load_tokenizer(tok_dir)
+    else:
+        tok = build_tokenizer(d.tokenizer, [x for p in pairs["train"] for x in p], vocab_size=d.vocab_size)
+        if tok_dir is not None:
+            tok.save(tok_dir)
+    if cfg.model.arch != "seq2seq":
+        raise ValueError(f"translation needs model.arch=seq2seq, got {cfg.model.arch!r}")
+    return TranslationTask(pairs, tok, max_tokens=d.max_tokens, seed=cfg.train.seed,
+                           max_len=cfg.model.max_len or 256)
+
+
 def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
     m = cfg.model
-    max_len = m.max_len or (64 if task.kind == "digits" else cfg.data.seq_len + 1)
+    default_len = {"digits": 64, "translation": 256}.get(task.kind, cfg.data.seq_len + 1)
+    if task.kind == "oracle":
+        default_len = task.oracle.config.length + 1
+    max_len = m.max_len or default_len
     if task.kind == "digits" and m.arch not in ("pixelcnn", "gated_pixelcnn"):
         raise ValueError(f"the digits task needs model.arch pixelcnn or gated_pixelcnn, got {m.arch!r}")
+    if task.kind != "translation" and m.arch == "seq2seq":
+        raise ValueError(f"model.arch=seq2seq needs a translation corpus, not {cfg.data.corpus!r}")
     if task.kind != "digits" and m.arch in ("pixelcnn", "gated_pixelcnn"):
         raise ValueError(f"model.arch={m.arch} only fits the digits corpus, not {cfg.data.corpus!r}")
     model = build_model(m.arch, task.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,

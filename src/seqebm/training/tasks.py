@@ -83,14 +83,14 @@ class DigitsTask:
         self.data, self.eval_batch_size = data, eval_batch_size
         self.vocab_size = DIGITS_LEVELS
         self.bos_id, self.eos_id, self.pad_id = DIGITS_LEVELS, None, 0
-        train = data.split("train")
+        train = data.split("train")[0]
         self.train_source = _RowSource(train, batch_size, seed, self._batch)
 
     def _batch(self, pixels: torch.Tensor) -> Batch:
         return sequence_batch(pixels.tolist(), bos_id=self.bos_id, eos_id=None, pad_id=0)
 
     def eval_batches(self, split: str) -> list[Batch]:
-        x = self.data.split(split)
+        x = self.data.split(split)[0]
         return [self._batch(x[i:i + self.eval_batch_size]) for i in range(0, x.shape[0], self.eval_batch_size)]
 
     def evaluate(self, model: nn.Module, split: str, device: torch.device | str = "cpu") -> dict[str, float]:
