@@ -24,7 +24,7 @@ def test_packed_nll_equals_chain_rule_over_rows():
     for start in range(0, len(stream), 4):
         chunk = stream[start:start + 4]
         logp = model(torch.tensor([[1] + chunk[:-1]])).log_softmax(-1)[0].double()
-        expected -= sum(float(logp[t, c]) for t, c in enumerate(chunk))
+        expected -= sum(float(logp[t, c].detach()) for t, c in enumerate(chunk))
     assert tokens == len(stream)
     assert nll == pytest.approx(expected, rel=1e-6)
 
@@ -33,6 +33,7 @@ def test_perplexity_metrics():
     m = perplexity_metrics(20.0, 10, words=5)
     assert m["ppl"] == pytest.approx(math.exp(2.0))
     assert m["word_ppl"] == pytest.approx(math.exp(4.0))
+    assert m["tokens_per_word"] == 2.0
     assert m["bits_per_token"] == pytest.approx(2 / math.log(2))
     assert bits_per_dim(64 * math.log(2), 64) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="zero tokens"):

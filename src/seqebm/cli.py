@@ -21,9 +21,9 @@ DEMO_OVERRIDES = [
     "name=demo-wiki-mini-transformer",
     "data.corpus=wiki-mini", "data.tokenizer=bpe", "data.vocab_size=4000", "data.seq_len=96",
     "data.batch_size=32",
-    "model.arch=transformer", "model.d_model=192", "model.n_layers=4", "model.n_heads=4", "model.dropout=0.1",
+    "model.arch=transformer", "model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.dropout=0.1",
     "optim.lr=2e-3", "optim.schedule=cosine", "optim.warmup_steps=100", "optim.weight_decay=0.05",
-    "train.max_steps=1200", "train.eval_every=200", "train.checkpoint_every=200", "train.log_every=20",
+    "train.max_steps=800", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=20",
     "eval.num_samples=5", "eval.sample_tokens=60", "eval.top_k=40",
 ]
 
@@ -123,8 +123,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     results = run_experiment(cfg, run_dir)
     print("\n== seqebm demo ==")
-    print(f"valid perplexity {results['valid']['ppl']:.2f} (word-level {results['valid']['word_ppl']:.1f})")
-    print(f"test  perplexity {results['test']['ppl']:.2f} (word-level {results['test']['word_ppl']:.1f})")
+    for split in ("valid", "test"):
+        r = results[split]
+        print(f"{split:5s} perplexity {r['ppl']:.2f} per BPE token; word-level {r['word_ppl']:.1f} "
+              f"({r['tokens_per_word']:.2f} tokens per word)")
     for i, s in enumerate(results["samples"], 1):
         print(f"sample {i}: {s[:300]}")
     print(f"run folder: {run_dir} (report.md, curves.png, metrics.jsonl, model.safetensors)")

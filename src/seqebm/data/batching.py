@@ -135,20 +135,16 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, *, max_rows: i
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     cur: list[int] = []
-    longest = 0
     for i in order:
         n = lengths[i]
         if n > max_tokens:
             raise ValueError(f"example {i} has {n} tokens, more than max_tokens={max_tokens}")
-        new_longest = max(longest, n)
-        full = (len(cur) + 1) * new_longest > max_tokens or (max_rows is not None and len(cur) >= max_rows)
-        if cur and full:
-            keep = len(cur) - len(cur) % multiple_of if len(cur) >= multiple_of else len(cur)
+        # sorted by length, so adding i makes n the longest: cost (rows + 1) * n
+        while cur and ((len(cur) + 1) * n > max_tokens or (max_rows is not None and len(cur) >= max_rows)):
+            keep = len(cur) - len(cur) % multiple_of or len(cur)
             batches.append(cur[:keep])
             cur = cur[keep:]
-            longest = max((lengths[j] for j in cur), default=0)
         cur.append(i)
-        longest = max(longest, n)
     if cur:
         batches.append(cur)
     return batches

@@ -42,6 +42,7 @@ def perplexity_metrics(nll_sum: float, tokens: int, *, words: int | None = None,
     out = {f"{prefix}loss": nll, f"{prefix}ppl": math.exp(min(nll, 700.0)), f"{prefix}bits_per_token": nll / math.log(2)}
     if words:
         out[f"{prefix}word_ppl"] = math.exp(min(nll_sum / words, 700.0))
+        out[f"{prefix}tokens_per_word"] = tokens / words
     return out
 
 

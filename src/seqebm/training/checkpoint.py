@@ -20,6 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+CHECKPOINT_FORMAT = "seqebm-ckpt-1"
+WEIGHTS_FORMAT = "seqebm-weights-1"
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -66,6 +69,7 @@ def _state_tensors(model: nn.Module) -> dict[str, Tensor]:
 def save_model(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
     """Weights only (safetensors), atomically; ``metadata`` is stored as JSON strings."""
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    meta["format"] = WEIGHTS_FORMAT
     _atomic_save_tensors(_state_tensors(model), Path(path), meta)
 
 
@@ -83,11 +87,22 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def load_model(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:
-    """Load weights into ``model``; returns the JSON metadata. Clear errors on mismatch."""
+    """Load weights into ``model`` from a weights file or a training checkpoint.
+
+    Returns the JSON metadata. Clear errors on shape/vocabulary mismatch.
+    """
     tensors, meta = _read(Path(path))
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")} or tensors
+    fmt = meta.pop("format", WEIGHTS_FORMAT)
+    if fmt == CHECKPOINT_FORMAT:  # a training checkpoint: weights are the "model." entries
+        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        meta = {}
+    else:
+        weights = tensors
     _load_weights(model, weights, Path(path), strict)
-    return {k: json.loads(v) for k, v in meta.items()}
+    try:
+        return {k: json.loads(v) for k, v in meta.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path} is corrupt: bad metadata ({e})") from None
 
 
 def _load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path, strict: bool) -> None:
@@ -153,7 +168,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     tensors.update(opt_tensors)
     tensors.update(rng_state())
     tensors.update(extra_tensors or {})
-    meta = {"trainer_state": json.dumps(trainer_state), "optimizer": json.dumps(opt_meta), "format": "seqebm-ckpt-1"}
+    meta = {"trainer_state": json.dumps(trainer_state), "optimizer": json.dumps(opt_meta), "format": CHECKPOINT_FORMAT}
     _atomic_save_tensors(tensors, Path(path), meta)
 
 
@@ -162,7 +177,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     """Restore what :func:`save_checkpoint` wrote; returns the trainer state."""
     path = Path(path)
     tensors, meta = _read(path)
-    if meta.get("format") != "seqebm-ckpt-1":
+    if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a seqebm training checkpoint (no 'format' metadata)")
     try:
         trainer_state = json.loads(meta["trainer_state"])
