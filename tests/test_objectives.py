@@ -41,7 +41,7 @@ def test_teacher_forcing_equals_per_sequence_loop():
     total, count = _manual_nll(model, batch)
     assert float(out.loss.detach()) == pytest.approx(total / count, rel=1e-5)
     assert float(out.metrics["nll_sum"]) == pytest.approx(total, rel=1e-5)
-    assert float(TeacherForcingLoss(reduction="sum")(model, batch).loss) == pytest.approx(total, rel=1e-5)
+    assert float(TeacherForcingLoss(reduction="sum")(model, batch).loss.detach()) == pytest.approx(total, rel=1e-5)
     assert TeacherForcingLoss(reduction="none")(model, batch).loss.shape == (3,)
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from seqebm.io import atomic_write_text
+
 __all__ = [
     "PAD_ID",
     "BOS_ID",
@@ -149,16 +151,6 @@ def _prepare_dir(directory: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class BPETokenizer(Tokenizer):
     """Byte-level BPE tokenizer (HuggingFace ``tokenizers``) with seqebm's fixed special ids.
 
@@ -264,7 +256,7 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = _prepare_dir(directory) / TOKENIZER_FILE
-        _write_atomic(path, self._tok.to_str(pretty=True))
+        atomic_write_text(path, self._tok.to_str(pretty=True))
         return path
 
     @classmethod
@@ -331,7 +323,7 @@ class CharTokenizer(Tokenizer):
         path = _prepare_dir(directory) / TOKENIZER_FILE
         payload = {"kind": "char", "version": _CHAR_FORMAT_VERSION,
                    "special_tokens": SPECIAL_TOKENS, "chars": self._chars}
-        _write_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(payload, ensure_ascii=False, indent=1))
         return path
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from seqebm.config import to_dict
+from seqebm.io import atomic_write_text
 
 
 def _fmt(v: Any) -> str:
@@ -37,5 +38,5 @@ def write_report(run_dir: str | Path, cfg: Any, results: dict[str, Any], *, titl
         lines += ["## Curves", "", "![curves](curves.png)", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

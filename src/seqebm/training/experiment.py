@@ -19,9 +19,10 @@ from torch import nn
 from seqebm.config import save_config
 from seqebm.models import ARCHITECTURES, build_model
 from seqebm.objectives import ScheduledSamplingLoss, TeacherForcingLoss
-from seqebm.training.checkpoint import atomic_write_text, load_model
+from seqebm.io import atomic_write_text
+from seqebm.training.checkpoint import load_model
 from seqebm.training.config import OptimConfig, TrainerConfig
-from seqebm.training.distributed import init_distributed, resolve_device
+from seqebm.training.distributed import barrier, init_distributed, resolve_device
 from seqebm.training.trainer import BEST_MODEL, CHECKPOINT, METRICS, Trainer
 
 OBJECTIVES = ("teacher_forcing", "scheduled_sampling")
@@ -252,7 +253,11 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
         if not resume:
             save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
-    task = build_task(cfg, run_dir)
+    # rank 0 trains and saves the tokenizer (or oracle) first; the other ranks then load it
+    task = build_task(cfg, run_dir) if dist_info.is_main else None
+    barrier(dist_info)
+    if task is None:
+        task = build_task(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
     model = build_model_for(cfg, task)
     n_params = sum(p.numel() for p in model.parameters())
