@@ -49,7 +49,7 @@ def test_label_smoothing_formula():
     """loss = (1-ε)·NLL + ε·mean_v(-log p_v), averaged over tokens; nll metric unsmoothed."""
     model, batch, eps = _model(), _batch(), 0.2
     out = TeacherForcingLoss(label_smoothing=eps)(model, batch)
-    logp = model(batch.inputs).log_softmax(-1)
+    logp = model(batch.inputs).log_softmax(-1).detach()
     m = batch.mask
     nll = -logp.gather(-1, batch.targets[..., None])[..., 0][m]
     uniform = -logp.mean(-1)[m]
