@@ -14,7 +14,7 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     """Temperature, then top-k, then nucleus (top-p) truncation; removed entries become -inf."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    logits = logits.float() / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # keeps float64
     if top_k is not None:
         if top_k <= 0:
             raise ValueError(f"top_k must be positive, got {top_k}")
