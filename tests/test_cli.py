@@ -50,6 +50,7 @@ def test_sample_writes_jsonl(run, tmp_path):
                  "--prompt", "the ", "--out", str(out), "--device", "cpu"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 3 and all(r["text"].startswith("the ") for r in rows)
+    assert all(r["log_q"] >= r["log_p"] - 1e-6 and r["token_ids"] for r in rows)  # top-k at T = 1
 
 
 def test_resume_continues_to_more_steps(run, capsys):

@@ -63,32 +63,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from seqebm.sampling.basic import generate
+    from seqebm.sampling.sampler import sample
 
     cfg, task, model, dev = _load_run(Path(args.run_dir), args.device)
-    g = torch.Generator(device=dev).manual_seed(args.seed)
-    if task.kind != "lm":
+    g = torch.Generator().manual_seed(args.seed)
+    if task.kind not in ("lm", "oracle"):
         for s in task.samples(model, args.num, device=dev, seed=args.seed, top_k=args.top_k,
                               temperature=args.temperature):
             print(s + "\n")
         return 0
-    prompt = [task.bos_id] + (task.tokenizer.encode(args.prompt) if args.prompt else [])
-    prefix = torch.tensor([prompt] * args.num, device=dev)
-    budget = min(args.max_new_tokens, model.max_len - len(prompt))
+    tok = task.tokenizer
+    if args.prompt and tok is None:
+        raise ValueError("--prompt needs a text tokenizer; this run has none (synthetic oracle data)")
+    prompt = [task.bos_id] + (tok.encode(args.prompt) if args.prompt else [])
+    budget = min(args.max_new_tokens, model.max_len - len(prompt) + 1)
     if budget <= 0:
         raise ValueError(f"the prompt has {len(prompt) - 1} tokens: no room left in the context ({model.max_len})")
-    out = generate(model, prefix, budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   eos_id=task.eos_id, generator=g)
+    out = sample(model, torch.tensor([prompt], device=dev), num_samples=args.num, max_new_tokens=budget,
+                 min_new_tokens=min(args.min_new_tokens, budget), temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, eos_id=task.eos_id, generator=g, max_batch_tokens=args.max_batch_tokens)
     sink = open(args.out, "w") if args.out else None
-    for ids in out.tolist():
-        ids = ids[: ids.index(task.eos_id) + 1] if task.eos_id in ids else ids
-        text = (args.prompt or "") + task.tokenizer.decode(ids)
+    try:
+        for ids, n, lq, lp in zip(out.tokens.tolist(), out.lengths.tolist(), out.log_q.tolist(), out.log_p.tolist()):
+            ids = ids[:n]
+            text = (args.prompt or "") + (tok.decode(ids) if tok else " ".join(task.oracle.as_text([ids])))
+            if sink:
+                sink.write(json.dumps({"text": text, "token_ids": ids, "log_q": lq, "log_p": lp}) + "\n")
+            else:
+                print(f"[log q {lq:.2f}, log p {lp:.2f}] {text}\n")
+    finally:
         if sink:
-            sink.write(json.dumps({"text": text, "token_ids": ids}) + "\n")
-        else:
-            print(text + "\n")
-    if sink:
-        sink.close()
+            sink.close()
     return 0
 
 
@@ -156,11 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num", type=int, default=5)
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=60)
+    s.add_argument("--min-new-tokens", type=int, default=0, help="forbid EOS before this many new tokens")
+    s.add_argument("--max-batch-tokens", type=int, default=None, help="memory budget: rows x length per chunk")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="write JSONL (text, token_ids) here instead of printing")
+    s.add_argument("--out", help="write JSONL (text, token_ids, log_q, log_p) here instead of printing")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 
