@@ -46,8 +46,9 @@ def test_translation_task_trains_and_decodes(tmp_path):
     res = _run(tmp_path, ["data.corpus=synthetic-translation", "data.synthetic.n_words=50",
                           "data.synthetic.n_train=300", "data.synthetic.n_valid=20", "data.synthetic.n_test=10",
                           "data.tokenizer=char", "data.max_tokens=2048", "model.arch=seq2seq", "model.d_model=32",
-                          "model.n_layers=1", "model.n_heads=2", "model.max_len=512", "train.max_steps=5"])
-    assert "bleu_greedy" in res["test"] and res["test"]["ppl"] > 1
+                          "model.n_layers=1", "model.n_heads=2", "model.max_len=512", "train.max_steps=5",
+                          "eval.beam_size=3"])
+    assert {"bleu_greedy", "bleu_beam3"} <= set(res["test"]) and res["test"]["ppl"] > 1
     assert res["samples"][0].startswith("src: w")
 
 

@@ -118,6 +118,7 @@ class EvalConfig:
     sample_tokens: int = 60
     top_k: int | None = 40
     temperature: float = 1.0
+    beam_size: int = 5  # translation: BLEU with greedy decoding and with this beam (1 = greedy only)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _translation_task(cfg: ExperimentConfig, tok_dir: Path | None):
     if cfg.model.arch != "seq2seq":
         raise ValueError(f"translation needs model.arch=seq2seq, got {cfg.model.arch!r}")
     return TranslationTask(pairs, tok, max_tokens=d.max_tokens, seed=cfg.train.seed,
-                           max_len=cfg.model.max_len or 256)
+                           max_len=cfg.model.max_len or 256, beam_size=cfg.eval.beam_size)
 
 
 def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:

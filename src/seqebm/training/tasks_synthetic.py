@@ -19,6 +19,7 @@ from seqebm.data.batching import Batch, ListSource, sequence_batch, token_budget
 from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from seqebm.eval.perplexity import corpus_nll, perplexity_metrics
 from seqebm.sampling.basic import generate
+from seqebm.sampling.beam import beam_search
 
 
 class _SupportMask(nn.Module):
@@ -106,8 +107,8 @@ class TranslationTask:
     kind = "translation"
 
     def __init__(self, pairs: dict[str, list[tuple[str, str]]], tokenizer: Tokenizer, *, max_tokens: int,
-                 seed: int, max_len: int, eval_max_tokens: int | None = None) -> None:
-        self.tokenizer, self.max_len = tokenizer, max_len
+                 seed: int, max_len: int, eval_max_tokens: int | None = None, beam_size: int = 5) -> None:
+        self.tokenizer, self.max_len, self.beam_size = tokenizer, max_len, beam_size
         self.vocab_size = tokenizer.vocab_size
         self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
         self.pairs = pairs
@@ -141,8 +142,9 @@ class TranslationTask:
         return self._batches[split]
 
     @torch.no_grad()
-    def translate(self, model: nn.Module, sources: list[str], *, device: Any = "cpu", batch_size: int = 64) -> list[str]:
-        """Greedy decoding (the #3 engine adds beam search)."""
+    def translate(self, model: nn.Module, sources: list[str], *, device: Any = "cpu", batch_size: int = 64,
+                  beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
+        """Greedy (``beam_size=1``) or beam-search translations of ``sources``."""
         model.eval()
         out: list[str] = []
         for i in range(0, len(sources), batch_size):
@@ -150,9 +152,15 @@ class TranslationTask:
             batch = sequence_batch(enc, bos_id=BOS_ID, eos_id=None, sources=enc)  # only the source is used
             src, mask = batch.source.to(device), batch.source_mask.to(device)
             prefix = torch.full((src.shape[0], 1), BOS_ID, device=device)
-            budget = min(self.max_len - 1, 2 * src.shape[1] + 10)
-            hyp = generate(model, prefix, budget, greedy=True, eos_id=EOS_ID, source=src, source_mask=mask)
-            out += self.tokenizer.decode_batch([r[: r.index(EOS_ID)] if EOS_ID in r else r for r in hyp.tolist()])
+            budget = min(self.max_len, 2 * src.shape[1] + 10)
+            if beam_size == 1:
+                hyp = generate(model, prefix, budget, greedy=True, eos_id=EOS_ID, source=src, source_mask=mask)
+                rows = hyp.tolist()
+            else:
+                res = beam_search(model, prefix, max_new_tokens=budget, beam_size=beam_size, eos_id=EOS_ID,
+                                  length_penalty=length_penalty, context={"source": src, "source_mask": mask})
+                rows = [r[:n] for r, n in zip(res.tokens.tolist(), res.lengths.tolist())]
+            out += self.tokenizer.decode_batch([r[: r.index(EOS_ID)] if EOS_ID in r else r for r in rows])
         return out
 
     def evaluate(self, model: nn.Module, split: str, device: Any = "cpu") -> dict[str, float]:
@@ -164,8 +172,11 @@ class TranslationTask:
             except ImportError:  # metrics extra not installed
                 return out
             refs = [t for _, t in self.pairs[split]]
-            hyps = self.translate(model, [s for s, _ in self.pairs[split]], device=device)
-            out["bleu_greedy"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+            srcs = [s for s, _ in self.pairs[split]]
+            out["bleu_greedy"] = sacrebleu.corpus_bleu(self.translate(model, srcs, device=device), [refs]).score
+            if self.beam_size > 1:
+                hyps = self.translate(model, srcs, device=device, beam_size=self.beam_size)
+                out[f"bleu_beam{self.beam_size}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
         return out
 
     def samples(self, model: nn.Module, n: int, max_new_tokens: int = 0, *, device: Any = "cpu", **_: Any) -> list[str]:
