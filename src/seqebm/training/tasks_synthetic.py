@@ -167,16 +167,15 @@ class TranslationTask:
         nll, tokens = corpus_nll(model, self.eval_batches(split), device)
         out = perplexity_metrics(nll, tokens)
         if split == "test":
-            try:
-                import sacrebleu
-            except ImportError:  # metrics extra not installed
-                return out
+            from seqebm.eval.metrics import corpus_bleu
+
             refs = [t for _, t in self.pairs[split]]
             srcs = [s for s, _ in self.pairs[split]]
-            out["bleu_greedy"] = sacrebleu.corpus_bleu(self.translate(model, srcs, device=device), [refs]).score
+            greedy = corpus_bleu(self.translate(model, srcs, device=device), refs)
+            out["bleu_greedy"], out["bleu_signature"] = greedy["bleu"], greedy["signature"]
             if self.beam_size > 1:
                 hyps = self.translate(model, srcs, device=device, beam_size=self.beam_size)
-                out[f"bleu_beam{self.beam_size}"] = sacrebleu.corpus_bleu(hyps, [refs]).score
+                out[f"bleu_beam{self.beam_size}"] = corpus_bleu(hyps, refs)["bleu"]
         return out
 
     def samples(self, model: nn.Module, n: int, max_new_tokens: int = 0, *, device: Any = "cpu", **_: Any) -> list[str]:
