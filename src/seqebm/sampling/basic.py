@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
-    """Temperature, then top-k, then nucleus (top-p) truncation; removed entries become -inf."""
+    """Temperature, then top-k (exactly k tokens), then nucleus (top-p); removed entries become -inf."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # keeps float64
@@ -19,8 +19,8 @@ def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
         if top_k <= 0:
             raise ValueError(f"top_k must be positive, got {top_k}")
         k = min(top_k, logits.shape[-1])
-        kth = logits.topk(k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))  # exactly k tokens (ties: topk's order)
     if top_p is not None:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")

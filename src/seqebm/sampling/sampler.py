@@ -22,7 +22,9 @@ owns its random stream, so the samples do not depend on chunking, and sharing a 
 gives the same samples as re-encoding the prefix for every row.
 
 Order of the proposal's transformations: EOS is masked while fewer than ``min_new_tokens``
-tokens exist, then temperature, top-k (ties at the k-th logit are all kept), top-p.
+tokens exist, then temperature, top-k (exactly k tokens), top-p. With top-k the sampling math
+runs on the k candidates only (O(k) instead of O(V) per row and step); only the raw log p
+needs one logsumexp over the vocabulary.
 """
 
 from __future__ import annotations
@@ -139,6 +141,27 @@ def proposal_log_probs(logits: Tensor, *, step: int, min_new_tokens: int, temper
     return torch.log_softmax(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), -1)
 
 
+def sample_top_k(logits: Tensor, u: Tensor, *, step: int, min_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float | None, eos_id: int | None) -> tuple[Tensor, Tensor]:
+    """Token (M,) and its log q (M,) from the top-k proposal, computed on the k candidates only.
+
+    The proposal is the same distribution as :func:`proposal_log_probs` with ``top_k``; the
+    inverse CDF walks the candidates in descending order of probability.
+    """
+    logits = logits.float()
+    if eos_id is not None and step < min_new_tokens:
+        logits = logits.clone()
+        logits[:, eos_id] = float("-inf")
+    vals, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)  # (M, k), descending
+    vals = vals / temperature
+    if top_p is not None:
+        probs = vals.softmax(-1)
+        vals = vals.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
+    lq = torch.log_softmax(vals.double(), -1)
+    choice = inverse_cdf(lq, u)
+    return idx.gather(1, choice[:, None]).squeeze(1), lq.gather(1, choice[:, None]).squeeze(1).float()
+
+
 def inverse_cdf(log_q: Tensor, u: Tensor) -> Tensor:
     """Token whose CDF interval holds ``u`` (M,) in [0, 1); never a zero-probability token."""
     q = log_q.double().exp()
@@ -160,14 +183,20 @@ def _generate_rows(model: nn.Module, state: Any, last: Tensor, owner: Tensor, un
     done = torch.zeros(m, dtype=torch.bool, device=device)
     lengths = torch.full((m,), max_new, dtype=torch.long, device=device)
     for i in range(max_new):
-        raw = torch.log_softmax(last.float(), -1)  # (M, V)
-        q = proposal_log_probs(last, step=i, min_new_tokens=min_new, temperature=temperature, top_k=top_k,
-                               top_p=top_p, eos_id=eos_id)
-        tok = inverse_cdf(q, uniforms[:, i])  # (M,)
+        last = last.float()
+        if top_k is not None and top_k < last.shape[-1]:
+            tok, tok_q = sample_top_k(last, uniforms[:, i], step=i, min_new_tokens=min_new,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+        else:
+            q = proposal_log_probs(last, step=i, min_new_tokens=min_new, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, eos_id=eos_id)
+            tok = inverse_cdf(q, uniforms[:, i])  # (M,)
+            tok_q = q.gather(1, tok[:, None]).squeeze(1)
+        tok_p = last.gather(1, tok[:, None]).squeeze(1) - last.logsumexp(-1)  # raw log p, T = 1
         live = ~done
         tokens[:, i] = torch.where(live, tok, pad_id)
-        log_q[:, i] = torch.where(live, q.gather(1, tok[:, None]).squeeze(1), 0.0)
-        log_p[:, i] = torch.where(live, raw.gather(1, tok[:, None]).squeeze(1), 0.0)
+        log_q[:, i] = torch.where(live, tok_q, 0.0)
+        log_p[:, i] = torch.where(live, tok_p, 0.0)
         if eos_id is not None:
             ended = live & (tok == eos_id)
             lengths = torch.where(ended, i + 1, lengths)
