@@ -109,3 +109,29 @@ def test_training_through_step_gives_forward_gradients():
     g_full = torch.autograd.grad(model(tokens).logsumexp(-1).sum(), list(model.parameters()))
     for a, b in zip(g_inc, g_full):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1], [2, 1], [3]])
+def test_shared_prefix_cache_equals_copied_cache(chunks):
+    """K samples per prefix over one stored prefix == the prefix copied into every row."""
+    model = _lm("transformer")
+    prefixes = torch.randint(0, V, (2, 6))
+    k = 3
+    _, state = model.step(prefixes, model.init_state(2, "cpu", capacity=12))
+    shared = model.share_state(state, k)
+    copied = model.select_state(state, torch.arange(2).repeat_interleave(k))
+    conts = torch.randint(0, V, (2 * k, sum(chunks)))
+    pos = 0
+    for c in chunks:
+        a, shared = model.step(conts[:, pos:pos + c], shared)
+        b, copied = model.step(conts[:, pos:pos + c], copied)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        pos += c
+    full = model(torch.cat([prefixes.repeat_interleave(k, 0), conts], 1))[:, -1]
+    torch.testing.assert_close(a[:, -1], full, atol=1e-5, rtol=1e-5)
+    # reordering rows (beam search) falls back to a plain cache and stays exact
+    perm = torch.tensor([5, 0, 0, 2, 4, 1])
+    nxt = torch.randint(0, V, (6, 1))
+    x, _ = model.step(nxt, model.select_state(shared, perm))
+    y = model(torch.cat([prefixes.repeat_interleave(k, 0)[perm], conts[perm], nxt], 1))[:, -1:]
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

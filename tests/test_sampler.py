@@ -95,8 +95,10 @@ def test_shared_prefix_equals_reencoding_and_chunking_is_invisible(kind):
                    generator=torch.Generator().manual_seed(5), **kw)
     chunked = sample(model, prefixes, num_samples=6, max_batch_tokens=15,
                      generator=torch.Generator().manual_seed(5), **kw)
+    grouped = sample(model, prefixes, num_samples=6, max_batch_tokens=50,  # one shared group per chunk
+                     generator=torch.Generator().manual_seed(5), **kw)
     assert shared.prefix_index.tolist() == [0] * 6 + [1] * 6
-    for other in (reenc, chunked):
+    for other in (reenc, chunked, grouped):
         assert torch.equal(shared.tokens, other.tokens) and torch.equal(shared.lengths, other.lengths)
         torch.testing.assert_close(shared.token_log_q, other.token_log_q, atol=1e-5, rtol=0)
         torch.testing.assert_close(shared.token_log_p, other.token_log_p, atol=1e-5, rtol=0)

@@ -115,3 +115,77 @@ def chunk_causal_mask(query_len: int, past_len: int, device: torch.device) -> Te
     q = torch.arange(query_len, device=device).unsqueeze(1) + past_len
     kpos = torch.arange(past_len + query_len, device=device).unsqueeze(0)
     return kpos <= q
+
+
+class SharedPrefixCache:
+    """KV cache for K samples per prefix that stores each prefix's keys/values once.
+
+    Rows are grouped: row r continues prefix ``r // group``. ``prefix_keys[l]`` is
+    (B, H, P, Dh) and the per-row suffix lives in an ordinary :class:`KVCache` of N = B·K rows.
+    Attention scores the prefix as one GEMM per prefix group, (B, H, K·T, Dh) @ (B, H, Dh, P),
+    instead of reading K copies of the same cache: decoding many samples of one long prefix is
+    bound by memory traffic, and this removes most of it.
+    """
+
+    def __init__(self, prefix_keys: list[Tensor], prefix_values: list[Tensor], suffix: KVCache, group: int) -> None:
+        self.prefix_keys, self.prefix_values, self.suffix, self.group = prefix_keys, prefix_values, suffix, group
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_keys[0].shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.prefix_len + self.suffix.length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.suffix.length = value - self.prefix_len
+
+    @property
+    def limit(self) -> int:
+        return self.prefix_len + self.suffix.limit
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, group: int) -> "SharedPrefixCache":
+        """Share ``cache`` (B rows, filled up to ``length``) among ``group`` samples per row."""
+        n_layers = len(cache.keys)
+        b, h, _, dh = cache.keys[0].shape
+        keys = [k[:, :, : cache.length] for k in cache.keys]
+        values = [v[:, :, : cache.length] for v in cache.values]
+        suffix = KVCache.empty(n_layers, b * group, h, cache.limit - cache.length, dh, cache.keys[0].device,
+                               cache.keys[0].dtype)
+        return cls(keys, values, suffix, group)
+
+    def materialize(self) -> KVCache:
+        """The equivalent plain cache (prefix copied into every row)."""
+        rows = torch.arange(self.suffix.keys[0].shape[0], device=self.suffix.keys[0].device) // self.group
+        keys = [torch.cat([pk.index_select(0, rows), sk[:, :, : self.suffix.length]], 2)
+                for pk, sk in zip(self.prefix_keys, self.suffix.keys)]
+        values = [torch.cat([pv.index_select(0, rows), sv[:, :, : self.suffix.length]], 2)
+                  for pv, sv in zip(self.prefix_values, self.suffix.values)]
+        return KVCache(keys, values, self.length, self.limit)
+
+    def select(self, index: Tensor) -> KVCache:
+        """Arbitrary row selection breaks the grouping: fall back to a plain cache."""
+        return self.materialize().select(index)
+
+    def attend(self, attn: "MultiHeadAttention", x: Tensor, layer: int, k: Tensor, v: Tensor) -> Tensor:
+        """Self-attention of queries ``x`` (N, T, D) over prefix + suffix (new k, v appended)."""
+        past = self.suffix.length
+        sk, sv = self.suffix.write(layer, k, v)  # (N, H, S, Dh)
+        q = attn._split(attn.q_proj(x))  # (N, H, T, Dh)
+        n, h, t, dh = q.shape
+        pk, pv = self.prefix_keys[layer], self.prefix_values[layer]  # (B, H, P, Dh)
+        b, p, g = pk.shape[0], pk.shape[2], self.group
+        scale = dh ** -0.5
+        qg = q.view(b, g, h, t, dh).transpose(1, 2).reshape(b, h, g * t, dh)
+        s_prefix = (qg @ pk.transpose(-1, -2)).view(b, h, g, t, p).transpose(1, 2).reshape(n, h, t, p)
+        s_suffix = q @ sk.transpose(-1, -2)  # (N, H, T, S)
+        mask = chunk_causal_mask(t, past, x.device)
+        if mask is not None:
+            s_suffix = s_suffix.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(torch.cat([s_prefix, s_suffix], -1) * scale, -1)
+        wp = w[..., :p].reshape(b, g, h, t, p).transpose(1, 2).reshape(b, h, g * t, p)
+        out = (wp @ pv).view(b, h, g, t, dh).transpose(1, 2).reshape(n, h, t, dh) + w[..., p:] @ sv
+        return attn.out_proj(out.transpose(1, 2).reshape(n, t, -1))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqebm.models.attention import KVCache, MultiHeadAttention, chunk_causal_mask
+from seqebm.models.attention import KVCache, MultiHeadAttention, SharedPrefixCache, chunk_causal_mask
 from seqebm.models.base import check_tokens
 
 
@@ -52,6 +52,8 @@ class DecoderBlock(nn.Module):
         k, v = self.attn.project_kv(h)
         if cache is None:
             a = self.attn(h, k, v, is_causal=x.shape[1] > 1)
+        elif isinstance(cache, SharedPrefixCache):
+            a = cache.attend(self.attn, h, layer, k, v)
         else:
             past = cache.length
             k, v = cache.write(layer, k, v)
@@ -122,7 +124,7 @@ class TransformerLM(nn.Module):
         return KVCache.empty(self.n_layers, batch_size, self.n_heads, capacity,
                              self.d_model // self.n_heads, device, dtype)
 
-    def step(self, tokens: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+    def step(self, tokens: Tensor, state: KVCache | SharedPrefixCache) -> tuple[Tensor, KVCache | SharedPrefixCache]:
         """Logits (B, S, V) for ``tokens`` (B, S) appended after the cached positions.
 
         The cache is updated in place and returned.
@@ -138,8 +140,16 @@ class TransformerLM(nn.Module):
         state.length += tokens.shape[1]
         return self.head(self.ln_f(x)), state
 
-    def select_state(self, state: KVCache, index: Tensor) -> KVCache:
+    def select_state(self, state: KVCache | SharedPrefixCache, index: Tensor) -> KVCache:
         return state.select(index)
+
+    def share_state(self, state: KVCache, group: int) -> SharedPrefixCache:
+        """Continue each of the B cached rows ``group`` times without copying its keys/values.
+
+        Row r of the result continues row ``r // group`` of ``state`` (see
+        :class:`~seqebm.models.attention.SharedPrefixCache`); ``step`` accepts it like a cache.
+        """
+        return SharedPrefixCache.from_cache(state, group)
 
 
 def _init_weights(module: nn.Module) -> None:

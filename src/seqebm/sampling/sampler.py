@@ -11,9 +11,10 @@ Two densities are returned for every sampled token, because importance weights n
   sampler can produce (tested by enumeration).
 * ``log_p``: the model's raw, untruncated log-probability at temperature 1.
 
-Shared prefixes: each prefix is encoded once (one ``step`` over P tokens for the B prefixes);
-its state is then gathered K times with ``select_state`` (the KV cache is copied, not
-recomputed). With ``max_batch_tokens`` the N rows are generated in chunks whose
+Shared prefixes: each prefix is encoded once (one ``step`` over P tokens for the B prefixes).
+Models with ``share_state`` (the Transformer LM) then keep one copy of each prefix's keys and
+values for its K samples; other models gather the state K times with ``select_state`` (copied,
+not recomputed). With ``max_batch_tokens`` the N rows are generated in chunks whose
 ``rows × (P + L)`` stays under the budget.
 
 Randomness: one uniform number per (row, step) is drawn up front from ``generator`` and the
@@ -115,11 +116,20 @@ def sample(
     state = model.init_state(b, device, **context, **kw)
     logits, state = model.step(prefix, state)
     first = logits[:, -1]  # (B, V): next-token logits after each prefix
+    # Models that can share a prefix state (one stored copy per prefix) get chunks of whole groups.
+    share = num_samples > 1 and hasattr(model, "share_state") and rows_per_chunk >= num_samples
+    if share:
+        rows_per_chunk -= rows_per_chunk % num_samples
     outs = []
     for start in range(0, n, rows_per_chunk):
         rows = torch.arange(start, min(n, start + rows_per_chunk), device=device)
         owner = rows // num_samples  # prefix of each row
-        outs.append(_generate_rows(model, model.select_state(state, owner), first.index_select(0, owner),
+        if share:
+            groups = torch.arange(start // num_samples, (int(rows[-1]) // num_samples) + 1, device=device)
+            chunk_state = model.share_state(model.select_state(state, groups), num_samples)
+        else:
+            chunk_state = model.select_state(state, owner)
+        outs.append(_generate_rows(model, chunk_state, first.index_select(0, owner),
                                    owner, uniforms.index_select(0, rows), min_new_tokens, temperature,
                                    top_k, top_p, eos_id, pad_id))
     return SampleOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in
