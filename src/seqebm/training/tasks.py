@@ -18,7 +18,7 @@ from torch import nn
 from seqebm.data.batching import Batch, PackedLMSource, lm_batch, pack_lm, sequence_batch
 from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer, build_tokenizer, load_tokenizer, words
 from seqebm.eval.perplexity import bits_per_dim, corpus_nll, perplexity_metrics
-from seqebm.sampling.basic import generate
+from seqebm.sampling.sampler import sample
 
 
 class TextLMTask:
@@ -64,12 +64,11 @@ class TextLMTask:
 
     def samples(self, model: nn.Module, n: int, max_new_tokens: int, *, device: torch.device | str = "cpu",
                 top_k: int | None = 40, temperature: float = 1.0, seed: int = 0) -> list[str]:
-        prefix = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
-        g = torch.Generator(device=device).manual_seed(seed)
         model.eval()
-        out = generate(model, prefix, min(max_new_tokens, (model.max_len or max_new_tokens + 1) - 1),
-                       top_k=top_k, temperature=temperature, eos_id=EOS_ID, generator=g)
-        return self.tokenizer.decode_batch(out.tolist())
+        out = sample(model, torch.full((1, 1), BOS_ID, dtype=torch.long, device=device), num_samples=n,
+                     max_new_tokens=min(max_new_tokens, model.max_len or max_new_tokens), top_k=top_k,
+                     temperature=temperature, eos_id=EOS_ID, generator=torch.Generator().manual_seed(seed))
+        return self.tokenizer.decode_batch([t[:k] for t, k in zip(out.tokens.tolist(), out.lengths.tolist())])
 
 
 class DigitsTask:
@@ -101,13 +100,10 @@ class DigitsTask:
 
     def samples(self, model: nn.Module, n: int, max_new_tokens: int = 64, *, device: torch.device | str = "cpu",
                 top_k: int | None = None, temperature: float = 1.0, seed: int = 0) -> list[str]:
-        prefix = torch.full((n, 1), self.bos_id, dtype=torch.long, device=device)
-        g = torch.Generator(device=device).manual_seed(seed)
         model.eval()
-        # PixelCNN's context holds BOS + 63 pixels: sample 63 with the cache, score the last from logits
-        px = generate(model, prefix, 63, top_k=top_k, temperature=temperature, generator=g)
-        last = model(torch.cat([prefix, px], 1))[:, -1].float().softmax(-1)
-        px = torch.cat([px, torch.multinomial(last, 1, generator=g)], 1)
+        px = sample(model, torch.full((1, 1), self.bos_id, dtype=torch.long, device=device), num_samples=n,
+                    max_new_tokens=64, top_k=top_k, temperature=temperature,
+                    generator=torch.Generator().manual_seed(seed)).tokens
         chars = " .:-=+*#%@@@@@@@@"
         return ["\n".join("".join(chars[v] for v in row[r * 8:(r + 1) * 8]) for r in range(8)) for row in px.tolist()]
 

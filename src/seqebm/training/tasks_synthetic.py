@@ -20,6 +20,7 @@ from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from seqebm.eval.perplexity import corpus_nll, perplexity_metrics
 from seqebm.sampling.basic import generate
 from seqebm.sampling.beam import beam_search
+from seqebm.sampling.sampler import sample
 
 
 class _SupportMask(nn.Module):
@@ -79,14 +80,12 @@ class OracleLMTask:
 
     def model_samples(self, model: nn.Module, n: int, *, device: Any = "cpu", seed: int = 0) -> list[list[int]]:
         """n samples from the model, restricted to the oracle's support (special ids masked)."""
-        length = self.oracle.config.length
         masked = _SupportMask(model, self._banned())
-        g = torch.Generator(device=device).manual_seed(seed)
-        out = generate(masked, torch.full((n, 1), BOS_ID, device=device), length, eos_id=self.eos_id, generator=g)
-        seqs = []
-        for row in out.tolist():
-            seqs.append(row[: row.index(EOS_ID)] if (self.eos_id is not None and EOS_ID in row) else row)
-        return seqs
+        out = sample(masked, torch.full((1, 1), BOS_ID, device=device), num_samples=n,
+                     max_new_tokens=self.oracle.config.length + (0 if self.fixed_length else 1),
+                     eos_id=self.eos_id, generator=torch.Generator().manual_seed(seed))
+        seqs = [t[:k] for t, k in zip(out.tokens.tolist(), out.lengths.tolist())]
+        return [s[:-1] if s and self.eos_id is not None and s[-1] == EOS_ID else s for s in seqs]
 
     def evaluate(self, model: nn.Module, split: str, device: Any = "cpu") -> dict[str, float]:
         nll, tokens = corpus_nll(model, self.eval_batches(split), device)
