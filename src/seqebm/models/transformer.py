@@ -138,7 +138,18 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache=state, layer=i)
         state.length += tokens.shape[1]
-        return self.head(self.ln_f(x)), state
+        return self._project_small(self.ln_f(x)), state
+
+    def _project_small(self, h: Tensor) -> Tensor:
+        """Output logits for few rows (decoding): ``(W @ h^T)^T``, same values as ``self.head(h)``.
+
+        For small row counts CPU BLAS runs the (V, D) x (D, M) product about 2x faster than the
+        (M, D) x (D, V) product that ``nn.Linear`` issues (measured at M=64, V=8000, D=256).
+        """
+        b, t, d = h.shape
+        if b * t > 512 or h.device.type != "cpu":
+            return self.head(h)
+        return (self.head.weight @ h.reshape(b * t, d).t()).t().contiguous().view(b, t, -1)
 
     def select_state(self, state: KVCache | SharedPrefixCache, index: Tensor) -> KVCache:
         return state.select(index)
