@@ -3,11 +3,14 @@
 * :mod:`seqebm.estimators.exact`: brute-force enumeration (ground truth for tiny V, T).
 * :mod:`seqebm.estimators.importance`: IS / SNIS in log space, effective sample size
   (monograph §2.3.2, Eq. 2.26–2.30).
+* :mod:`seqebm.estimators.ais`: annealed importance sampling and its reverse, which bracket log Z.
 """
+
+from seqebm.estimators.ais import ais_log_partition, reverse_ais_log_partition
 
 from seqebm.estimators.exact import enumerate_sequences, exact_distribution, exact_log_partition
 from seqebm.estimators.importance import (effective_sample_size, importance_log_partition, snis_expectation,
                                           snis_weights)
 
-__all__ = ["effective_sample_size", "enumerate_sequences", "exact_distribution", "exact_log_partition",
-           "importance_log_partition", "snis_expectation", "snis_weights"]
+__all__ = ["ais_log_partition", "effective_sample_size", "enumerate_sequences", "exact_distribution", "exact_log_partition",
+           "importance_log_partition", "reverse_ais_log_partition", "snis_expectation", "snis_weights"]
