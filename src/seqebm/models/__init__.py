@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from seqebm.models.base import AutoregressiveModel, check_tokens, select_batch_rows
+from seqebm.models.classic import RBM, IsingModel
 from seqebm.models.pixelcnn import GatedPixelCNN, PixelCNN
 from seqebm.models.rnn import RNNLM
 from seqebm.models.seq2seq import EncoderDecoderTransformer
@@ -13,8 +14,8 @@ from seqebm.models.transformer import TransformerLM
 ARCHITECTURES = ("transformer", "lstm", "gru", "seq2seq", "pixelcnn", "gated_pixelcnn", "hf")
 
 __all__ = [
-    "ARCHITECTURES", "AutoregressiveModel", "EncoderDecoderTransformer", "GatedPixelCNN", "PixelCNN",
-    "RNNLM", "TransformerLM", "build_model", "check_tokens", "select_batch_rows",
+    "ARCHITECTURES", "AutoregressiveModel", "EncoderDecoderTransformer", "GatedPixelCNN", "IsingModel", "PixelCNN",
+    "RBM", "RNNLM", "TransformerLM", "build_model", "check_tokens", "select_batch_rows",
 ]
 
 
