@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from _exact_tv import empirical_tv, index_of
+
 from seqebm.estimators import (effective_sample_size, enumerate_sequences, exact_distribution, exact_log_partition,
                                importance_log_partition, snis_expectation, snis_weights)
 from seqebm.sampling.mcmc import MCMCResult, gibbs, metropolis_hastings
@@ -43,18 +45,6 @@ class ChainEnergy:
         return -(u + p)
 
 
-def index_of(x: Tensor) -> Tensor:
-    """Base-V index of each row (matches enumerate_sequences order). x: (..., T) -> (...)."""
-    powers = V ** torch.arange(T - 1, -1, -1)
-    return (x * powers).sum(-1)
-
-
-def empirical_tv(samples: Tensor, log_probs: Tensor) -> float:
-    """TV between the histogram of samples (S, C, T) and exp(log_probs) (V^T,)."""
-    counts = torch.bincount(index_of(samples.reshape(-1, T)), minlength=V**T).double()
-    return 0.5 * float((counts / counts.sum() - log_probs.exp()).abs().sum())
-
-
 def random_x0(c: int, seed: int) -> Tensor:
     return torch.randint(V, (c, T), generator=torch.Generator().manual_seed(seed))
 
@@ -64,7 +54,7 @@ def random_x0(c: int, seed: int) -> Tensor:
 def test_enumerate_sequences_order_and_count() -> None:
     seqs = enumerate_sequences(V, T)
     assert seqs.shape == (V**T, T) and seqs.dtype == torch.long
-    assert torch.equal(index_of(seqs), torch.arange(V**T))
+    assert torch.equal(index_of(seqs, V), torch.arange(V**T))
     assert seqs.unique(dim=0).shape[0] == V**T
 
 

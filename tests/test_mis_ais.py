@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from _exact_tv import empirical_tv
+
 from seqebm.estimators import exact_distribution, exact_log_partition
 from seqebm.estimators.ais import ais_log_partition, reverse_ais_log_partition
 from seqebm.models.transformer import TransformerLM
@@ -35,16 +37,6 @@ class ChainEnergy:
         unary = self.theta[torch.arange(x.shape[1]), x].sum(-1)
         pair = self.w[x[:, :-1], x[:, 1:]].sum(-1)
         return -(unary + pair)
-
-
-def index_of(x: Tensor) -> Tensor:
-    powers = V ** torch.arange(T - 1, -1, -1)
-    return (x * powers).sum(-1)
-
-
-def empirical_tv(samples: Tensor, log_probs: Tensor) -> float:
-    counts = torch.bincount(index_of(samples.reshape(-1, T)), minlength=V**T).double()
-    return 0.5 * float((counts / counts.sum() - log_probs.exp()).abs().sum())
 
 
 class CategoricalProposal:

@@ -95,6 +95,20 @@ def _is_kept(step: int, burn_in: int, thin: int) -> bool:
     return step > burn_in and (step - burn_in) % thin == 0
 
 
+def _accept(log_ratio: Tensor, *pairs: tuple[Tensor, Tensor],
+            generator: torch.Generator | None) -> tuple[Tensor, list[Tensor]]:
+    """Metropolis test ``log u < log_ratio`` per chain (NaN rejects), float64.
+
+    ``pairs`` are (proposed, current) tensors with chains on dim 0; returns the acceptance mask
+    (C,) and, for each pair, the proposed rows where accepted and the current rows elsewhere.
+    """
+    c = log_ratio.shape[0]
+    log_u = torch.log(torch.rand(c, dtype=torch.float64, generator=generator, device=log_ratio.device))
+    accept = log_u < log_ratio  # (C,)
+    kept = [torch.where(accept.view(-1, *([1] * (new.dim() - 1))), new, cur) for new, cur in pairs]
+    return accept, kept
+
+
 def _uniform_site_proposal(x: Tensor, vocab_size: int, generator: torch.Generator | None
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """Set one uniformly chosen position of every chain to a uniformly chosen token (symmetric)."""
@@ -178,10 +192,7 @@ def metropolis_hastings(
                 raise ValueError(f"proposal must return {name} as a Tensor of shape ({c},)")
         e_new = _energy(energy, x_new)  # (C,)
         log_ratio = (e - e_new) + (log_qb.to(torch.float64) - log_qf.to(torch.float64))  # (C,)
-        log_u = torch.log(torch.rand(c, dtype=torch.float64, generator=generator, device=x.device))
-        accept = log_u < log_ratio  # (C,); NaN ratios reject
-        x = torch.where(accept[:, None], x_new, x)
-        e = torch.where(accept, e_new, e)
+        accept, (x, e) = _accept(log_ratio, (x_new, x), (e_new, e), generator=generator)
         accepted += accept.to(torch.float64)
         if s and _is_kept(step, burn_in, thin):
             samples[kept] = x

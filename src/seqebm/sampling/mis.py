@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from seqebm.sampling.mcmc import MCMCResult, _check_int, _energy, _is_kept, _keep_schedule
+from seqebm.sampling.mcmc import MCMCResult, _accept, _check_int, _energy, _is_kept, _keep_schedule
 from seqebm.sampling.sampler import sample
 
 Energy = Callable[[Tensor], Tensor]
@@ -107,11 +107,8 @@ def metropolis_independence(
         x_new, log_q_new = _propose(proposal, c, generator, t)
         e_new = _energy(energy, x_new)  # (C,)
         log_w_new = -e_new - log_q_new.to(x_new.device)
-        log_u = torch.log(torch.rand(c, dtype=torch.float64, generator=generator, device=x.device))
-        accept = log_u < (log_w_new - log_w)  # (C,)
-        x = torch.where(accept[:, None], x_new, x)
-        e = torch.where(accept, e_new, e)
-        log_w = torch.where(accept, log_w_new, log_w)
+        accept, (x, e, log_w) = _accept(log_w_new - log_w, (x_new, x), (e_new, e), (log_w_new, log_w),
+                                        generator=generator)
         accepted += accept.to(torch.float64)
         if s and _is_kept(step, burn_in, thin):
             samples[kept] = x
