@@ -223,3 +223,46 @@ class ListSource:
         if self._cache[0] != epoch:
             self._cache = (epoch, self.schedule.order(epoch))
         return self.batches[self._cache[1][index]]
+
+
+def ebm_batch(x: Tensor) -> Batch:
+    """A :class:`Batch` whose rows are whole configurations for energy objectives.
+
+    ``inputs`` = ``targets`` = x (N, ...) (tokens or floats); ``mask`` is (N, 1) all True, so
+    the trainer weights micro-batches by their number of configurations.
+    """
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
+    return Batch(inputs=x, targets=x, mask=torch.ones((x.shape[0], 1), dtype=torch.bool, device=x.device))
+
+
+class TensorSource:
+    """Minibatches of configurations from a tensor (N, ...), reshuffled every epoch.
+
+    For energy models trained on fixed-size data (token sequences of one length, vectors,
+    images): ``batch(epoch, i)`` is an :func:`ebm_batch` and a pure function of
+    (seed, epoch, i), so runs resume exactly.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True) -> None:
+        if not isinstance(data, Tensor) or data.dim() < 1:
+            raise ValueError(f"data must be a Tensor (N, ...), got {type(data).__name__}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = data.shape[0]
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        self._num = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if self._num == 0:
+            raise ValueError(f"only {n} rows: fewer than one batch of {batch_size}")
+        self._perm_epoch, self._perm = -1, torch.arange(n)
+
+    def num_batches(self) -> int:
+        return self._num
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        if self.shuffle and epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.data.shape[0], generator=g), epoch
+        idx = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+        return ebm_batch(self.data[idx])

@@ -111,3 +111,41 @@ class RBM(nn.Module):
             h = torch.bernoulli(self.hidden_probs(v), generator=generator)
             v = torch.bernoulli(self.visible_probs(h), generator=generator).long()
         return v
+
+
+class LogLinearModel(nn.Module):
+    """Log-linear (maximum-entropy) model over configurations: ``E(x) = −θᵀ f(x)`` (monograph §2.1).
+
+    The potential U_θ(x) = θᵀ f(x) is linear in the parameters, so the log-likelihood gradient of
+    Eq. (2.19) is the difference of feature expectations E_data[f] − E_model[f]. With an
+    enumerable space this gives an exact MLE to compare the stochastic learners against.
+
+    Args:
+        features: callable ``x (N, ...) -> Tensor (N, F)`` of feature values (e.g. counts).
+        num_features: F.
+        init: optional initial θ (F,); zeros by default.
+        dtype: parameter dtype (float64 for tests of estimators).
+    """
+
+    def __init__(self, features, num_features: int, *, init: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not callable(features):
+            raise ValueError(f"features must be callable x -> (N, F), got {type(features).__name__}")
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        theta = torch.zeros(num_features, dtype=dtype) if init is None else torch.as_tensor(init, dtype=dtype).clone()
+        if theta.shape != (num_features,):
+            raise ValueError(f"init must have shape ({num_features},), got {tuple(theta.shape)}")
+        self.features, self.num_features = features, num_features
+        self.theta = nn.Parameter(theta)
+
+    def feature_values(self, x: Tensor) -> Tensor:
+        f = self.features(x)
+        if not isinstance(f, Tensor) or f.shape != (x.shape[0], self.num_features):
+            got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(f"features must return shape ({x.shape[0]}, {self.num_features}), got {got}")
+        return f.to(self.theta.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N,)
+        return -(self.feature_values(x) @ self.theta)

@@ -4,23 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCHEDULES = ("constant", "inverse_sqrt", "cosine")
+SCHEDULES = ("constant", "inverse_sqrt", "cosine", "robbins_monro")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
-    schedule: str = "cosine"  # constant | inverse_sqrt | cosine
+    schedule: str = "cosine"  # constant | inverse_sqrt | cosine | robbins_monro
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     clip_norm: float | None = 1.0
+    # robbins_monro: lr_t = lr * (rm_offset / (rm_offset + t))^rm_exponent after warm-up
+    # (monograph §2.3.3, Theorem 2.2: converges for 0.5 < rm_exponent <= 1)
+    rm_offset: float = 100.0
+    rm_exponent: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule == "robbins_monro" and not (0.5 < self.rm_exponent <= 1 and self.rm_offset > 0):
+            raise ValueError("optim.schedule=robbins_monro needs 0.5 < rm_exponent <= 1 and rm_offset > 0, got "
+                             f"rm_exponent={self.rm_exponent}, rm_offset={self.rm_offset}")
+        if self.momentum < 0:
+            raise ValueError(f"optim.momentum must be >= 0, got {self.momentum}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
@@ -59,6 +73,8 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return cfg.lr * (step + 1) / warm
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "robbins_monro":
+        return cfg.lr * (cfg.rm_offset / (cfg.rm_offset + step - warm)) ** cfg.rm_exponent
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * ((max(warm, 1)) / (step + 1)) ** 0.5
     import math

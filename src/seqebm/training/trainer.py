@@ -45,15 +45,24 @@ class StopTraining(Exception):
     """Raised by a callback to end training cleanly after the current step."""
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and embeddings' 1-D params."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW (or SGD); no weight decay on biases, norms and embeddings' 1-D params.
+
+    ``extra`` (the objective) contributes its trainable parameters too: NCE's log normaliser,
+    DNCE's noise model. They never get weight decay.
+    """
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
+    own = [p for p in (extra.parameters() if extra is not None else []) if p.requires_grad and id(p) not in seen]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0})
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -86,7 +95,9 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = build_optimizer(self.model, optim)
+        self.optimizer = build_optimizer(self.model, optim, self.objective)
+        self._objective_params = [p for p in self.objective.parameters() if p.requires_grad
+                                  and all(p is not q for q in self.model.parameters())]
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "position": 0, "best": None, "bad_evals": 0,
             "tokens_seen": 0, "elapsed_s": 0.0, **(extra_state or {}),
@@ -100,14 +111,25 @@ class Trainer:
 
     def save(self) -> None:
         if self.dist.is_main:
+            objective_state = {f"extra.objective.{k}": v for k, v in self.objective.state_dict().items()}
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
-                            trainer_state=self.state)
+                            trainer_state=self.state, extra_tensors=objective_state)
         barrier(self.dist)
 
     def resume(self) -> None:
         """Continue from ``run_dir/checkpoint.safetensors`` (weights, optimizer, RNG, data position)."""
         state = load_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer)
-        state.pop("extra_tensors", None)
+        extra = state.pop("extra_tensors", {})
+        prefix = "extra.objective."
+        objective_state = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+        if objective_state or self.objective.state_dict():
+            # buffers such as persistent chains may have been empty (shape 0) at construction
+            for name, value in objective_state.items():
+                owner, _, leaf = name.rpartition(".")
+                module = self.objective.get_submodule(owner) if owner else self.objective
+                if leaf in module._buffers and module._buffers[leaf] is not None:
+                    module._buffers[leaf] = value.to(self.device)
+            self.objective.load_state_dict({k: v.to(self.device) for k, v in objective_state.items()}, strict=True)
         self.state.update(state)
 
     # ----------------------------------------------------------------- logging
@@ -165,9 +187,15 @@ class Trainer:
             for k, v in out.metrics.items():
                 v = v if isinstance(v, Tensor) else torch.tensor(float(v))
                 sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().to(self.device).float()
+        if self.dist.enabled and self._objective_params:
+            # DDP averages the model's gradients; the objective's own (e.g. NCE's log Z) by hand
+            for p in self._objective_params:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = all_reduce_sum(grad, self.dist) / self.dist.world_size
         grad_norm = None
         if self.optim_cfg.clip_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self._objective_params],
+                                                       self.optim_cfg.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # aggregate metrics across ranks (sums), then normalise per token
