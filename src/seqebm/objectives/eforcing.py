@@ -84,15 +84,18 @@ def step_coefficients(num_steps: int, base: float, decay: float, device: torch.d
     return base * decay ** torch.arange(num_steps, dtype=torch.float64, device=device)
 
 
-def _step_energies(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per (row, step): energy E = φ − log q(x_<k), log S_k (detached), token log q. Shapes (R, K)."""
+def _token_terms(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (row, position): target logit, log S = logsumexp(logits), token log q (0 where masked)."""
     logits = logits.float()
-    lse = torch.logsumexp(logits, -1)  # (R, K) log S_k
-    logit_tgt = logits.gather(-1, targets[..., None]).squeeze(-1)  # (R, K)
+    lse = torch.logsumexp(logits, -1)  # (R, T) log S_k
+    logit_tgt = logits.gather(-1, targets[..., None]).squeeze(-1)  # (R, T)
     log_q_tok = (logit_tgt - lse).masked_fill(~mask, 0.0)
-    log_q_prefix = torch.cumsum(log_q_tok, 1) - log_q_tok  # exclusive: Σ_{l<k}
-    energy = -logit_tgt - log_q_prefix
-    return energy, lse.detach(), log_q_tok
+    return logit_tgt, lse, log_q_tok
+
+
+def _energies(logit_tgt: Tensor, log_q_tok: Tensor) -> Tensor:
+    """E = φ − log q(x_<k) per (row, step), with φ = −logit and Σ_{l<k} over the given steps."""
+    return -logit_tgt - (torch.cumsum(log_q_tok, 1) - log_q_tok)
 
 
 class EForcingLoss(nn.Module):
@@ -202,30 +205,38 @@ class EForcingLoss(nn.Module):
         d, t = batch.inputs.shape
         p, k = prefix.shape[1], neg.shape[1]
         neg_inputs = torch.cat([prefix, neg[:, :-1]], 1)  # (n, p + K − 1)
-        width = max(t, neg_inputs.shape[1])
-        inputs = torch.cat([F.pad(batch.inputs, (0, width - t)), F.pad(neg_inputs, (0, width - neg_inputs.shape[1]))])
-        context = {key: torch.cat([batch.model_kwargs()[key], neg_context[key]]) for key in neg_context}
-        logits = model(inputs, **context)  # one forward for data and negatives (DDP-friendly)
-        data_logits, neg_logits = logits[:d, :t], logits[d:, p - 1:p - 1 + k]
-        out = self._teacher_forcing(data_logits, batch, None)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # DDP: one forward over data and negatives (padded to one width) before the backward
+            width = max(t, neg_inputs.shape[1])
+            inputs = torch.cat([F.pad(batch.inputs, (0, width - t)),
+                                F.pad(neg_inputs, (0, width - neg_inputs.shape[1]))])
+            context = {key: torch.cat([batch.model_kwargs()[key], neg_context[key]]) for key in neg_context}
+            logits = model(inputs, **context)
+            data_logits, neg_logits = logits[:d, :t], logits[d:, p - 1:p - 1 + k]
+        else:  # two forwards, each at its own width (no padding work)
+            data_logits = model(batch.inputs, **batch.model_kwargs())
+            neg_logits = model(neg_inputs, **neg_context)[:, p - 1:p - 1 + k]
+        logit_tgt, _, log_q_tok = _token_terms(data_logits, batch.targets, batch.mask)
+        out = self._teacher_forcing(data_logits, batch, -log_q_tok)
         # positive phase: data steps k = 1..K after the context
         start = p - 1
         kd = max(0, min(k, t - start))
-        e_pos, _, _ = _step_energies(data_logits[:, start:start + kd], batch.targets[:, start:start + kd],
-                                     batch.mask[:, start:start + kd])
+        e_pos = _energies(logit_tgt[:, start:start + kd], log_q_tok[:, start:start + kd])
         pos_alive = batch.mask[:, start:start + kd]
-        e_neg, log_s, log_q_tok = _step_energies(neg_logits, neg, alive)
+        neg_logit_tgt, log_s, neg_log_q_tok = _token_terms(neg_logits, neg, alive)
+        e_neg = _energies(neg_logit_tgt, neg_log_q_tok)
         # truncated/tempered proposal: weight by q_θ(x̃_<k) / r(x̃_<k) as well
         correction = torch.cumsum(log_q_over_r, 1) - log_q_over_r
-        w = snis_step_weights(log_s.double() + correction, alive)  # (n, K), columns sum to 1
-        lam = step_coefficients(k, self.lambda_base, self.lambda_decay, logits.device)
+        w = snis_step_weights(log_s.detach().double() + correction, alive)  # (n, K), columns sum to 1
+        dev = data_logits.device
+        lam = step_coefficients(k, self.lambda_base, self.lambda_decay, dev)
         d_k = pos_alive.sum(0).double()  # (kd,)
         pos_mean = (e_pos.double() * pos_alive).sum(0) / d_k.clamp_min(1)  # (kd,)
         neg_mean = (w * e_neg.double()).sum(0)  # (K,)
-        both = torch.zeros(k, dtype=torch.bool, device=logits.device)
+        both = torch.zeros(k, dtype=torch.bool, device=dev)
         both[:kd] = d_k > 0
         both &= alive.any(0)
-        diff = torch.zeros(k, dtype=torch.float64, device=logits.device)
+        diff = torch.zeros(k, dtype=torch.float64, device=dev)
         diff[:kd] = pos_mean
         cd_steps = (diff - neg_mean) * both  # L_CD^(k)
         cd = (lam * cd_steps).sum()
@@ -239,15 +250,17 @@ class EForcingLoss(nn.Module):
                         "neg_len_sum": alive.sum(1).double().mean() * tokens})
         return ObjectiveOutput(loss, metrics)
 
-    def _teacher_forcing(self, logits: Tensor, batch: Batch, _: object) -> ObjectiveOutput:
-        nll = token_nll(logits, batch.targets, batch.mask)
+    def _teacher_forcing(self, logits: Tensor, batch: Batch, nll: Tensor | None) -> ObjectiveOutput:
+        """Token-mean cross-entropy (label-smoothed if set); ``nll`` (B, T) reuses a computed NLL."""
+        if nll is None:
+            nll = token_nll(logits, batch.targets, batch.mask)
         if self.label_smoothing > 0:
             per_token = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none",
                                         label_smoothing=self.label_smoothing).masked_fill(~batch.mask, 0.0)
         else:
             per_token = nll
         loss = per_token.sum() / batch.mask.sum().clamp_min(1)
-        return ObjectiveOutput(loss, nll_metrics(nll, batch.mask))
+        return ObjectiveOutput(loss, nll_metrics(nll.detach(), batch.mask))
 
 
 __all__ = ["EForcingLoss", "snis_step_weights", "step_coefficients"]

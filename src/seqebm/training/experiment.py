@@ -18,14 +18,14 @@ from torch import nn
 
 from seqebm.config import save_config
 from seqebm.models import ARCHITECTURES, build_model
-from seqebm.objectives import ScheduledSamplingLoss, TeacherForcingLoss
+from seqebm.objectives import EForcingLoss, ScheduledSamplingLoss, TeacherForcingLoss
 from seqebm.io import atomic_write_text
 from seqebm.training.checkpoint import load_model
 from seqebm.training.config import OptimConfig, TrainerConfig
 from seqebm.training.distributed import barrier, init_distributed, resolve_device
 from seqebm.training.trainer import BEST_MODEL, CHECKPOINT, METRICS, Trainer
 
-OBJECTIVES = ("teacher_forcing", "scheduled_sampling")
+OBJECTIVES = ("teacher_forcing", "scheduled_sampling", "eforcing")
 
 
 @dataclass
@@ -89,6 +89,9 @@ class ModelConfig:
     channels: int = 64  # PixelCNN width
     tie_embeddings: bool = True
     hf_path: str | None = None
+    # start from the best weights of an earlier run folder (its tokenizer / oracle are reused);
+    # the architecture settings must match that run's
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -99,17 +102,32 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "teacher_forcing"  # teacher_forcing | scheduled_sampling
+    name: str = "teacher_forcing"  # teacher_forcing | scheduled_sampling | eforcing
     label_smoothing: float = 0.0
     ss_mode: str = "two_pass"  # two_pass | sequential
     ss_schedule: str = "inverse_sigmoid"
     ss_k: float = 2000.0
     ss_min: float = 0.0
     ss_predict: str = "sample"
+    # E-Forcing (objective.name=eforcing; seed §4.3, Alg. 1): λ_k = ef_lambda · ef_decay^(k−1)
+    ef_lambda: float = 0.1
+    ef_decay: float = 0.95
+    ef_num_steps: int | None = None  # K; default: 50 for text LMs (App. A), the sequence length otherwise
+    ef_start_step: int = 0  # teacher forcing only before this optimiser step (Alg. 1's N)
+    ef_start_epoch: float | None = None  # ... or before this epoch (overrides ef_start_step)
+    ef_prefix_len: int = 1  # LM negatives continue the first ef_prefix_len tokens of each row
+    ef_source_ratio: float | None = 1.5  # translation: negatives of <= ceil(ratio·|src|) + offset tokens
+    ef_source_offset: int = 5
+    ef_num_negatives: int | None = None  # default: one per data row
+    ef_temperature: float = 1.0
+    ef_top_k: int | None = None
+    ef_max_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
             raise ValueError(f"objective.name must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
+        if self.ef_start_epoch is not None and self.ef_start_epoch < 0:
+            raise ValueError(f"objective.ef_start_epoch must be >= 0, got {self.ef_start_epoch}")
 
 
 @dataclass
@@ -223,11 +241,53 @@ def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
     return model
 
 
-def build_objective(cfg: ObjectiveConfig) -> nn.Module:
+def build_objective(cfg: ObjectiveConfig, task: Any = None) -> nn.Module:
     if cfg.name == "teacher_forcing":
         return TeacherForcingLoss(label_smoothing=cfg.label_smoothing)
+    if cfg.name == "eforcing":
+        return _eforcing_objective(cfg, task)
     return ScheduledSamplingLoss(mode=cfg.ss_mode, schedule=cfg.ss_schedule, k=cfg.ss_k, minimum=cfg.ss_min,
                                  predict=cfg.ss_predict)
+
+
+def _eforcing_objective(cfg: ObjectiveConfig, task: Any) -> EForcingLoss:
+    from seqebm.data.tokenizers import EOS_ID
+
+    kind = getattr(task, "kind", "lm")
+    num_steps = cfg.ef_num_steps
+    if num_steps is None:
+        num_steps = {"digits": 64, "translation": 256}.get(kind, 50)
+        if kind == "oracle":
+            num_steps = task.oracle.config.length
+    start = cfg.ef_start_step
+    if cfg.ef_start_epoch is not None:
+        if task is None:
+            raise ValueError("objective.ef_start_epoch needs the task (its batches per epoch)")
+        start = int(round(cfg.ef_start_epoch * task.train_source.num_batches()))
+    conditional = kind == "translation"
+    return EForcingLoss(lambda_base=cfg.ef_lambda, lambda_decay=cfg.ef_decay, num_steps=num_steps,
+                        source_length_ratio=cfg.ef_source_ratio if conditional else None,
+                        source_length_offset=cfg.ef_source_offset, start_step=start, prefix_len=cfg.ef_prefix_len,
+                        num_negatives=cfg.ef_num_negatives, eos_id=EOS_ID if conditional else None,
+                        temperature=cfg.ef_temperature, top_k=cfg.ef_top_k, label_smoothing=cfg.label_smoothing,
+                        max_batch_tokens=cfg.ef_max_batch_tokens)
+
+
+def _adopt_init_run(cfg: ExperimentConfig, run_dir: Path) -> Path | None:
+    """For ``model.init_from``: copy the earlier run's tokenizer / oracle into ``run_dir``; return its weights."""
+    import shutil
+
+    if cfg.model.init_from is None:
+        return None
+    src = Path(cfg.model.init_from)
+    weights = src / BEST_MODEL if src.is_dir() else src
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_from: no weights at {weights}")
+    if src.is_dir():
+        for sub in ("tokenizer", "oracle"):
+            if (src / sub).is_dir() and not (run_dir / sub).exists():
+                shutil.copytree(src / sub, run_dir / sub)
+    return weights
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -254,6 +314,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
         if not resume:
             save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
+    if dist_info.is_main and not resume:
+        _adopt_init_run(cfg, run_dir)
     # rank 0 trains and saves the tokenizer (or oracle) first; the other ranks then load it
     task = build_task(cfg, run_dir) if dist_info.is_main else None
     barrier(dist_info)
@@ -261,6 +323,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
         task = build_task(cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
     model = build_model_for(cfg, task)
+    if cfg.model.init_from is not None and not resume:
+        weights = Path(cfg.model.init_from)
+        load_model(model, weights / BEST_MODEL if weights.is_dir() else weights)
+        log(f"[seqebm] initialised from {weights}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[seqebm] {cfg.name}: task={task.kind} vocab={task.vocab_size} arch={cfg.model.arch} "
         f"params={n_params / 1e6:.2f}M train_batches/epoch={task.train_source.num_batches()} device={device}")
@@ -268,7 +334,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
     def evaluate(m: nn.Module) -> dict[str, float]:
         return task.evaluate(m, "valid", device)
 
-    trainer = Trainer(model, build_objective(cfg.objective), task.train_source, optim=cfg.optim, train=cfg.train,
+    trainer = Trainer(model, build_objective(cfg.objective, task), task.train_source, optim=cfg.optim, train=cfg.train,
                       run_dir=run_dir, evaluate=evaluate, device=device, dist_info=dist_info)
     state = trainer.fit(resume=resume)
     if (run_dir / BEST_MODEL).exists():
