@@ -119,22 +119,43 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+#: E-Forcing continuation of the demo's base LM (seed Alg. 1: teacher forcing first, then E-Forcing);
+#: a teacher-forcing continuation with the same budget is the control.
+DEMO_CONTINUE = ["train.max_steps=100", "train.eval_every=50", "train.checkpoint_every=50", "train.log_every=10",
+                 "optim.lr=5e-4", "optim.warmup_steps=0", "optim.schedule=constant", "eval.num_samples=3"]
+DEMO_EFORCING = ["objective.name=eforcing", "objective.ef_lambda=0.1", "objective.ef_decay=0.95",
+                 "objective.ef_num_steps=50"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     overrides = list(DEMO_OVERRIDES)
+    cont = list(DEMO_CONTINUE)
     if args.quick:
         overrides += ["train.max_steps=60", "train.eval_every=30", "data.max_train_docs=400", "model.n_layers=2"]
-    cfg = load_config(ExperimentConfig, None, overrides + args.overrides)
-    run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        cont += ["train.max_steps=10", "train.eval_every=10", "objective.ef_num_steps=20"]
+    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
-    results = run_experiment(cfg, run_dir)
+    base_cfg = load_config(ExperimentConfig, None, overrides + args.overrides)
+    results = {"base LM (teacher forcing)": run_experiment(base_cfg, run_dir / "base")}
+    base = run_dir / "base"
+    if not args.skip_eforcing:
+        for label, extra in (("+ teacher forcing (control)", []), ("+ E-Forcing", DEMO_EFORCING)):
+            name = "eforcing" if extra else "teacher-forcing"
+            cfg = load_config(ExperimentConfig, None, overrides + DEMO_CONTINUE + extra + cont[len(DEMO_CONTINUE):]
+                              + args.overrides + [f"model.init_from={base}", f"name={base_cfg.name}-{name}"])
+            results[label] = run_experiment(cfg, run_dir / name)
     print("\n== seqebm demo ==")
-    for split in ("valid", "test"):
-        r = results[split]
-        print(f"{split:5s} perplexity {r['ppl']:.2f} per BPE token; word-level {r['word_ppl']:.1f} "
-              f"({r['tokens_per_word']:.2f} tokens per word)")
-    for i, s in enumerate(results["samples"], 1):
+    width = max(map(len, results))
+    for label, r in results.items():
+        print(f"{label:{width}s}  valid ppl {r['valid']['ppl']:8.2f}  test ppl {r['test']['ppl']:8.2f} per BPE token; "
+              f"test word-level {r['test']['word_ppl']:.1f}")
+    if len(results) > 1:
+        print(f"(both continuations: {results['+ E-Forcing']['steps']} more steps from the base LM's best weights, "
+              "same data and learning rate; E-Forcing seed Alg. 1)")
+    for i, s in enumerate(results["base LM (teacher forcing)"]["samples"], 1):
         print(f"sample {i}: {s[:300]}")
-    print(f"run folder: {run_dir} (report.md, curves.png, metrics.jsonl, model.safetensors)")
+    print(f"run folders: {run_dir}/{{base,teacher-forcing,eforcing}} (report.md, curves.png, metrics.jsonl, "
+          "model.safetensors)")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -181,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="train a small Transformer LM on wiki-mini and report (about 10 min on 2 cores)")
     m.add_argument("--run-dir")
     m.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    m.add_argument("--skip-eforcing", action="store_true", help="train the base LM only (no continuations)")
     m.add_argument("overrides", nargs="*")
     m.set_defaults(func=cmd_demo)
     return p
