@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-eforcing", action="store_true", help="train the base LM only (no continuations)")
     m.add_argument("overrides", nargs="*")
     m.set_defaults(func=cmd_demo)
+    from seqebm.eval.analysis import register_analysis_commands
+
+    register_analysis_commands(sub)  # seqebm analyze ...
     return p
 
 

@@ -1,0 +1,876 @@
+"""Analyses across trained run folders: tables (Markdown + JSON) and plots (PNG).
+
+The E-Forcing seed's analysis tables and figures, computed from run folders written by
+:func:`seqebm.training.experiment.run_experiment` (``config.yaml``, ``results.json``,
+``metrics.jsonl``, ``model.safetensors``, ``tokenizer/``):
+
+* :func:`summarize_runs`: mean ± sample std over seeds of ``results.json`` metrics, runs grouped
+  by ``config.yaml`` values (the "three seeds" tables; the start-epoch sweep of App. C.3, Tab. 9).
+* :func:`loss_curves`: train and valid curves of several runs on one figure (App. C.4, Fig. 1).
+* :func:`exposure_bias`: how often the candidate gives the reference token a higher probability
+  than the baseline, in the context of each model's own greedy decoding (§5.3, Tab. 4).
+* :func:`length_bucket_table`: BLEU by target-length bucket, mean ± std (§5.4, Tab. 5).
+* :func:`text_metric_table`: ROUGE-1/2/L, METEOR and BLEU, mean ± std (App. C.7, Tab. 12).
+
+Each returns an :class:`Analysis` (Markdown, a JSON-able dict and optionally a PNG) that
+:func:`write_analysis` saves atomically, never overwriting a file unless ``force=True``.
+On the command line they are ``seqebm analyze <command>`` (:func:`register_analysis_commands`).
+
+Notation: B sentences in a chunk, T target positions, S source length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from seqebm.config import deep_merge, read_yaml, to_dict
+from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
+from seqebm.io import atomic_write_bytes
+
+__all__ = [
+    "Analysis", "MeanStd", "RunInfo", "exposure_bias", "format_mean_std", "greedy_decode_ids", "group_runs",
+    "length_bucket_table", "load_runs", "lookup", "loss_curves", "mean_std", "reference_log_probs",
+    "register_analysis_commands", "summarize_runs", "text_metric_table", "write_analysis",
+]
+
+#: config keys that may differ between the seeds of one group without a note
+SEED_LIKE_KEYS = frozenset({"name", "train.seed", "train.device", "train.progress", "data.cache_dir",
+                            "model.init_from"})
+#: (column title, results.json key) of Tab. 12; ``{beam}`` is the beam size
+TEXT_METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ROUGE-1", "test.rouge1"), ("ROUGE-2", "test.rouge2"), ("ROUGE-L", "test.rougeL"),
+    ("METEOR", "test.meteor"), ("BLEU (beam {beam})", "test.bleu_beam{beam}"), ("BLEU (greedy)", "test.bleu_greedy"),
+)
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+@dataclass
+class RunInfo:
+    """A run folder's ``config.yaml`` (defaults filled in) and ``results.json`` (None if not loaded)."""
+
+    path: Path
+    config: dict[str, Any]
+    results: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_runs(paths: Sequence[str | Path], *, need_results: bool = True, unique: bool = True) -> list[RunInfo]:
+    """Read the config (and ``results.json`` if ``need_results``) of each run folder.
+
+    The config is the run's YAML merged over today's defaults, without validation, so runs
+    written by older versions still load. Raises ``FileNotFoundError`` naming the missing path.
+    """
+    from seqebm.training.experiment import ExperimentConfig
+
+    if not paths:
+        raise ValueError("no run folders given")
+    defaults = to_dict(ExperimentConfig())
+    runs, seen = [], set()
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"run folder not found: {p}")
+        if unique and p.resolve() in seen:
+            raise ValueError(f"run folder given twice: {p}")
+        seen.add(p.resolve())
+        if not (p / "config.yaml").is_file():
+            raise FileNotFoundError(f"not a run folder (no config.yaml): {p}")
+        results = None
+        if need_results:
+            if not (p / "results.json").is_file():
+                raise FileNotFoundError(f"no results.json in run folder {p} (did the run finish?)")
+            try:
+                results = json.loads((p / "results.json").read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p / 'results.json'} is not valid JSON: {e}") from None
+        runs.append(RunInfo(p, deep_merge(defaults, read_yaml(p / "config.yaml")), results))
+    return runs
+
+
+def task_kind(config: dict[str, Any]) -> str:
+    """The task a config selects, with :func:`~seqebm.training.experiment.build_task`'s precedence."""
+    data = config.get("data", {})
+    corpus = data.get("corpus")
+    if corpus in ("digits", "oracle"):
+        return corpus
+    if corpus == "synthetic-translation" or data.get("source_file") is not None:
+        return "translation"
+    return "lm"
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+def _lookup_or_missing(tree: Any, key: str) -> Any:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def lookup(tree: dict[str, Any], key: str, *, where: str) -> Any:
+    """``tree["a"]["b"]`` for ``key = "a.b"``; a ``ValueError`` names the keys available instead.
+
+    ``where`` says what ``tree`` is (e.g. ``"results.json of run r1"``) for the message.
+    """
+    node: Any = tree
+    done: list[str] = []
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            here = ".".join(done) or "the top level"
+            avail = (", ".join(sorted(map(str, node))) if isinstance(node, dict)
+                     else f"a value ({node!r}), not a section")
+            raise ValueError(f"unknown key {key!r} in {where}: {here} has {avail}; "
+                             f"top-level keys: {', '.join(sorted(map(str, tree)))}")
+        node = node[part]
+        done.append(part)
+    return node
+
+
+def _number(value: Any, key: str, run: RunInfo) -> float | None:
+    """A metric as float; None when absent/null; ``ValueError`` for non-numbers."""
+    if value is _MISSING or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} in results.json of run {run.path} is not a number: {value!r}")
+    return float(value)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- mean ± std
+
+
+@dataclass
+class MeanStd:
+    """Mean and *sample* standard deviation (n − 1; None for n < 2) of ``values``."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float] = field(default_factory=list)
+
+
+def mean_std(values: Sequence[float]) -> MeanStd:
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return MeanStd(None, None, 0, [])
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
+    return MeanStd(mean, std, n, vals)
+
+
+def format_mean_std(stat: MeanStd, decimals: int = 2, *, expected_n: int | None = None) -> str:
+    """``"30.12 ± 0.06"``; ``"n/a"`` without values; ``" (n=k)"`` when k differs from ``expected_n``."""
+    if stat.n == 0 or stat.mean is None:
+        return "n/a"
+    text = f"{stat.mean:.{decimals}f}"
+    if stat.std is not None:
+        text += f" ± {stat.std:.{decimals}f}"
+    if expected_n is not None and stat.n != expected_n:
+        text += f" (n={stat.n})"
+    return text
+
+
+def _json_float(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def _stat_json(stat: MeanStd) -> dict[str, Any]:
+    return {"mean": _json_float(stat.mean), "std": _json_float(stat.std), "n": stat.n,
+            "values": [_json_float(v) for v in stat.values]}
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+@dataclass
+class RunGroup:
+    """Runs sharing the values of the group-by keys (``values`` aligned with those keys)."""
+
+    values: tuple[Any, ...]
+    runs: list[RunInfo]
+
+    def label(self) -> str:
+        return " / ".join(_show(v) for v in self.values) if self.values else "all runs"
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def _sort_key(values: tuple[Any, ...]) -> tuple:
+    def one(v: Any) -> tuple:
+        if v is None:
+            return (0, 0.0, "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (1, float(v), "")
+        return (2, 0.0, str(v))
+    return tuple(one(v) for v in values)
+
+
+def group_runs(runs: Sequence[RunInfo], keys: Sequence[str]) -> list[RunGroup]:
+    """Group runs by the config values at dotted ``keys``; groups sorted by value (None first)."""
+    groups: dict[tuple, list[RunInfo]] = {}
+    for run in runs:
+        values = []
+        for key in keys:
+            v = lookup(run.config, key, where=f"config.yaml of run {run.path}")
+            if isinstance(v, dict):
+                raise ValueError(f"config key {key!r} is a section, not a value; choose one of its keys: "
+                                 f"{', '.join(sorted(v))}")
+            values.append(tuple(v) if isinstance(v, list) else v)
+        groups.setdefault(tuple(values), []).append(run)
+    return [RunGroup(k, v) for k, v in sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))]
+
+
+def _group_notes(group: RunGroup, keys: Sequence[str]) -> list[str]:
+    """Warnings: repeated seeds in a group, and config keys (besides seeds) that differ inside it."""
+    notes = []
+    seeds = [_lookup_or_missing(r.config, "train.seed") for r in group.runs]
+    if len(set(map(str, seeds))) < len(seeds):
+        notes.append(f"group {group.label()!r}: train.seed repeats ({', '.join(map(str, seeds))}): "
+                     "the std is not over independent seeds")
+    flat = [_flatten(r.config) for r in group.runs]
+    ignore = SEED_LIKE_KEYS | set(keys)
+    differ = sorted(k for k in set().union(*flat) if k not in ignore
+                    and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1)
+    if differ:
+        notes.append(f"group {group.label()!r}: runs also differ in {', '.join(differ)}")
+    return notes
+
+
+# --------------------------------------------------------------------------- output
+
+
+@dataclass
+class Analysis:
+    """One analysis: ``<name>.md``, ``<name>.json`` and, when ``png`` is set, ``<name>.png``."""
+
+    name: str
+    markdown: str
+    data: dict[str, Any]
+    png: bytes | None = None
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _document(title: str, intro: str, table: str, notes: Sequence[str]) -> str:
+    parts = [f"# {title}", "", intro, "", table, ""]
+    if notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(parts)
+
+
+def write_analysis(analysis: Analysis, out_dir: str | Path, *, force: bool = False) -> list[Path]:
+    """Write the analysis atomically into ``out_dir`` (created).
+
+    Existing files are never overwritten silently: without ``force`` a ``FileExistsError``
+    names them and nothing is written.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    payload: dict[Path, bytes] = {
+        out / f"{analysis.name}.md": analysis.markdown.encode("utf-8"),
+        out / f"{analysis.name}.json": (json.dumps(analysis.data, indent=2, allow_nan=False) + "\n").encode(),
+    }
+    if analysis.png is not None:
+        payload[out / f"{analysis.name}.png"] = analysis.png
+    existing = [str(p) for p in payload if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --force to overwrite, "
+                              "or choose another --out / --name)")
+    out.mkdir(parents=True, exist_ok=True)
+    for path, data in payload.items():
+        atomic_write_bytes(path, data)
+    return list(payload)
+
+
+# --------------------------------------------------------------------------- summary (seeds; Tab. 9)
+
+
+def summarize_runs(runs: Sequence[RunInfo], metrics: Sequence[str], group_by: Sequence[str], *,
+                   decimals: int = 2, name: str = "summary") -> Analysis:
+    """Mean ± sample std over the runs of each group for every ``results.json`` metric.
+
+    ``metrics`` are dotted keys into ``results.json`` (``test.ppl``, ``test.bleu_beam5``,
+    ``valid.loss``...), ``group_by`` dotted keys into ``config.yaml`` (``objective.name``;
+    ``objective.ef_start_epoch`` gives the start-epoch sweep of E-Forcing App. C.3, Tab. 9).
+    A metric absent from *every* run is an error naming the keys available; one absent from
+    some runs is averaged over the others and the cell shows its ``n``.
+    """
+    if not metrics:
+        raise ValueError("give at least one metric (--metrics test.ppl ...)")
+    for key in metrics:
+        if all(_lookup_or_missing(r.results, key) is _MISSING for r in runs):
+            lookup(runs[0].results or {}, key, where=f"results.json of run {runs[0].path} (or any other run)")
+    groups = group_runs(runs, group_by)
+    rows, out_groups, notes = [], [], []
+    for g in groups:
+        stats = {m: mean_std([v for r in g.runs if (v := _number(_lookup_or_missing(r.results, m), m, r)) is not None])
+                 for m in metrics}
+        seeds = [_lookup_or_missing(r.config, "train.seed") for r in g.runs]
+        rows.append([*map(_show, g.values), len(g.runs), ", ".join(map(str, seeds)),
+                     *(format_mean_std(stats[m], decimals, expected_n=len(g.runs)) for m in metrics)])
+        out_groups.append({"group": dict(zip(group_by, g.values)), "runs": [str(r.path) for r in g.runs],
+                           "seeds": seeds, "metrics": {m: _stat_json(s) for m, s in stats.items()}})
+        notes += _group_notes(g, group_by)
+        for m in metrics:
+            absent = [r.name for r in g.runs if _lookup_or_missing(r.results, m) in (_MISSING, None)]
+            if absent:
+                notes.append(f"{m} is absent in run(s) {', '.join(absent)}")
+    table = markdown_table([*group_by, "n", "seeds", *metrics], rows)
+    intro = ("Mean ± sample standard deviation (n − 1) over the runs of each group (n runs; their "
+             "`train.seed` listed). Metrics from `results.json`; groups by `config.yaml` values.")
+    return Analysis(name, _document("Summary over seeds", intro, table, notes),
+                    {"analysis": "summary", "group_by": list(group_by), "metrics": list(metrics),
+                     "groups": out_groups})
+
+
+# --------------------------------------------------------------------------- curves (Fig. 1)
+
+
+def _read_metrics(run: RunInfo) -> tuple[list[dict[str, Any]], int]:
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in run folder {run.path}")
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1  # e.g. a line cut short by a killed run
+    return records, bad
+
+
+def _labels(runs: Sequence[RunInfo], label_by: Sequence[str]) -> list[str]:
+    if not label_by:
+        return [r.name for r in runs]
+    labels = [" / ".join(_show(lookup(r.config, k, where=f"config.yaml of run {r.path}")) for k in label_by)
+              for r in runs]
+    return [f"{lab} [{r.name}]" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+
+
+def loss_curves(runs: Sequence[RunInfo], keys: Sequence[str] = ("loss",), label_by: Sequence[str] = (), *,
+                decimals: int = 4, name: str = "curves") -> Analysis:
+    """Train (thin line) and valid (markers) curves of ``keys`` from each run's ``metrics.jsonl``.
+
+    One subplot per key, one colour per run, labelled by the config values at ``label_by``
+    (default: the folder name), as in E-Forcing App. C.4, Fig. 1 (train/test cross entropy of
+    the baseline and E-Forcing). The table lists the last train value and the last and best
+    valid values per run and key.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not keys:
+        raise ValueError("give at least one key (--keys loss ...)")
+    labels = _labels(runs, label_by)
+    loaded = [_read_metrics(r) for r in runs]
+    for key in keys:
+        if not any(key in rec for recs, _ in loaded for rec in recs):
+            avail = sorted({k for recs, _ in loaded for rec in recs for k in rec} - {"split", "step", "epoch"})
+            raise ValueError(f"key {key!r} is in no run's metrics.jsonl; available keys: {', '.join(avail)}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rows, series, notes = [], [], []
+    for i, (run, label, (records, bad)) in enumerate(zip(runs, labels, loaded)):
+        if bad:
+            notes.append(f"run {run.name}: skipped {bad} malformed line(s) of metrics.jsonl")
+        for ax, key in zip(axes[0], keys):
+            pts = {s: [(r["step"], r[key]) for r in records if r.get("split") == s and key in r and "step" in r]
+                   for s in ("train", "valid")}
+            c = colours[i % len(colours)]
+            if pts["train"]:
+                ax.plot(*zip(*pts["train"]), "-", lw=0.8, alpha=0.8, color=c, label=f"{label} (train)")
+            if pts["valid"]:
+                ax.plot(*zip(*pts["valid"]), "o", ms=4, color=c, label=f"{label} (valid)")
+            last_t = f"{pts['train'][-1][1]:.{decimals}f} (step {pts['train'][-1][0]})" if pts["train"] else "n/a"
+            if pts["valid"]:
+                best = min(pts["valid"], key=lambda p: p[1])
+                last_v = f"{pts['valid'][-1][1]:.{decimals}f} (step {pts['valid'][-1][0]})"
+                best_v = f"{best[1]:.{decimals}f} (step {best[0]})"
+            else:
+                last_v = best_v = "n/a"
+            rows.append([label, run.name, key, last_t, last_v, best_v])
+            series.append({"run": str(run.path), "label": label, "key": key,
+                           "train": [[s, _json_float(float(v))] for s, v in pts["train"]],
+                           "valid": [[s, _json_float(float(v))] for s, v in pts["valid"]]})
+    for ax, key in zip(axes[0], keys):
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    table = markdown_table(["label", "run", "key", "last train", "last valid", "best valid"], rows)
+    intro = (f"Train (thin lines) and valid (markers) curves from `metrics.jsonl`: ![{name}]({name}.png)")
+    return Analysis(name, _document("Training curves", intro, table, notes),
+                    {"analysis": "curves", "keys": list(keys), "label_by": list(label_by), "series": series},
+                    buf.getvalue())
+
+
+# --------------------------------------------------------------------------- BLEU by length (Tab. 5)
+
+
+def _beam_sizes(runs: Sequence[RunInfo]) -> list[int]:
+    """The distinct ``eval.beam_size`` > 1 of the runs (their ``test.bleu_beam<k>`` keys)."""
+    sizes = {_lookup_or_missing(r.config, "eval.beam_size") for r in runs}
+    return sorted(k for k in sizes if isinstance(k, int) and not isinstance(k, bool) and k > 1)
+
+
+def _bucket_scores(value: Any, where: str) -> dict[str, float | None]:
+    """``{bucket: BLEU}`` from a dict of numbers, of ``{"bleu", "count"}`` rows, or a list of rows."""
+    if isinstance(value, list):
+        if not all(isinstance(r, dict) and "bucket" in r for r in value):
+            raise ValueError(f"{where}: expected a list of {{'bucket', 'bleu'}} rows, got {value!r}")
+        value = {r["bucket"]: r for r in value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a dict bucket -> BLEU, got {value!r}")
+    out = {}
+    for bucket, v in value.items():
+        v = v.get("bleu") if isinstance(v, dict) else v
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}: BLEU of bucket {bucket!r} is not a number: {v!r}")
+        out[str(bucket)] = None if v is None else float(v)
+    return out
+
+
+def _bucket_order(label: str) -> tuple[float, str]:
+    """Buckets by their lower edge: ``"<10"`` first, then ``"10-19"``, ``"[25, 49)"``, ``">=50"``."""
+    m = re.search(r"\d+(?:\.\d+)?", label)
+    if m is None:
+        return (math.inf, label)
+    return (-math.inf if label.lstrip().startswith("<") else float(m.group()), label)
+
+
+def length_bucket_table(runs: Sequence[RunInfo], label_by: Sequence[str] = ("objective.name",), *,
+                        decodings: Sequence[str] | None = None, decimals: int = 2,
+                        name: str = "length_buckets") -> Analysis:
+    """BLEU per target-length bucket, mean ± std over the runs of each group (E-Forcing §5.4, Tab. 5).
+
+    Reads ``test.bleu_by_length_<decoding>`` (a dict bucket -> BLEU, None for an empty bucket)
+    and, for the "all" column, ``test.bleu_<decoding>``; ``decodings`` defaults to ``greedy``
+    and ``beam<k>`` for the runs' ``eval.beam_size`` k. A run without the key is listed in the
+    notes and left out of that cell; a cell with no value at all reads ``n/a``.
+    """
+    if decodings is None:
+        decodings = ["greedy"] + [f"beam{k}" for k in _beam_sizes(runs)]
+    groups = group_runs(runs, label_by)
+    per_key = {d: f"test.bleu_by_length_{d}" for d in decodings}
+    scores: dict[tuple[int, str], dict[str, dict[str, float | None]]] = {}
+    buckets: list[str] = []
+    for gi, g in enumerate(groups):
+        for d, key in per_key.items():
+            for r in g.runs:
+                raw = _lookup_or_missing(r.results, key)
+                if raw is _MISSING or raw is None:
+                    continue
+                s = _bucket_scores(raw, f"{key} in results.json of run {r.path}")
+                scores.setdefault((gi, d), {})[str(r.path)] = s
+                buckets += [b for b in s if b not in buckets]
+    buckets.sort(key=_bucket_order)
+    rows, out, notes = [], [], []
+    absent_runs: dict[str, list[str]] = {key: [] for key in per_key.values()}
+    for gi, g in enumerate(groups):
+        notes += _group_notes(g, label_by)
+        for d, key in per_key.items():
+            have = scores.get((gi, d), {})
+            absent = [r.name for r in g.runs if str(r.path) not in have]
+            absent_runs[key] += absent
+            stats = {b: mean_std([v for s in have.values() if (v := s.get(b)) is not None]) for b in buckets}
+            overall = mean_std([v for r in g.runs
+                                if (v := _number(_lookup_or_missing(r.results, f"test.bleu_{d}"), f"test.bleu_{d}", r))
+                                is not None])
+            cells = [format_mean_std(stats[b], decimals, expected_n=len(have)) for b in buckets]
+            rows.append([*map(_show, g.values), d, f"{len(have)}/{len(g.runs)}", *cells,
+                         format_mean_std(overall, decimals, expected_n=len(g.runs))])
+            out.append({"group": dict(zip(label_by, g.values)), "decoding": d, "runs": [str(r.path) for r in g.runs],
+                        "runs_without_key": absent, "buckets": {b: _stat_json(s) for b, s in stats.items()},
+                        "all": _stat_json(overall)})
+    for key, absent in absent_runs.items():
+        if len(absent) == len(runs):
+            notes.append(f"`{key}` is absent in every run")
+        elif absent:
+            notes.append(f"`{key}` is absent in run(s) {', '.join(absent)}")
+    if not buckets:
+        notes.append("no run has per-length BLEU: re-evaluate the runs with a version that writes "
+                     + ", ".join(f"`{k}`" for k in per_key.values()))
+    table = markdown_table([*label_by, "decoding", "runs with key", *buckets, "all"], rows)
+    intro = ("Test BLEU by target-length bucket (reference length in words), mean ± sample std over the "
+             "runs of each group; `all` is the corpus BLEU of the whole test set.")
+    return Analysis(name, _document("BLEU by target length", intro, table, notes),
+                    {"analysis": "length_buckets", "label_by": list(label_by), "buckets": buckets, "rows": out})
+
+
+# --------------------------------------------------------------------------- text metrics (Tab. 12)
+
+
+def text_metric_table(runs: Sequence[RunInfo], label_by: Sequence[str] = ("objective.name",), *,
+                      beam_size: int | None = None, decimals: int = 2, name: str = "text_metrics") -> Analysis:
+    """ROUGE-1/2/L, METEOR and BLEU (beam, greedy), mean ± std per group (E-Forcing App. C.7, Tab. 12).
+
+    Keys ``test.rouge1``, ``test.rouge2``, ``test.rougeL``, ``test.meteor`` (null when WordNet
+    was unavailable), ``test.bleu_beam<k>``, ``test.bleu_greedy``; missing values read ``n/a``.
+    ``beam_size`` defaults to the runs' common ``eval.beam_size`` (5 when they have none > 1).
+    """
+    if beam_size is None:
+        sizes = _beam_sizes(runs)
+        if len(sizes) > 1:
+            raise ValueError(f"the runs were evaluated with different beam sizes (eval.beam_size {sizes}); "
+                             "choose the BLEU column with --beam-size")
+        beam_size = sizes[0] if sizes else 5
+    columns = [(t.format(beam=beam_size), k.format(beam=beam_size)) for t, k in TEXT_METRIC_COLUMNS]
+    groups = group_runs(runs, label_by)
+    rows, out, notes = [], [], []
+    for g in groups:
+        notes += _group_notes(g, label_by)
+        stats = {}
+        for _, key in columns:
+            stats[key] = mean_std([v for r in g.runs if (v := _number(_lookup_or_missing(r.results, key), key, r))
+                                   is not None])
+            if 0 < stats[key].n < len(g.runs):
+                notes.append(f"`{key}` is absent in {len(g.runs) - stats[key].n} of {len(g.runs)} runs "
+                             f"of group {g.label()!r}")
+        rows.append([*map(_show, g.values), len(g.runs),
+                     *(format_mean_std(stats[k], decimals, expected_n=len(g.runs)) for _, k in columns)])
+        out.append({"group": dict(zip(label_by, g.values)), "runs": [str(r.path) for r in g.runs],
+                    "metrics": {k: _stat_json(s) for k, s in stats.items()}})
+    missing_everywhere = [k for _, k in columns if all(_lookup_or_missing(r.results, k) in (_MISSING, None)
+                                                      for r in runs)]
+    if missing_everywhere:
+        notes.append("absent in every run (n/a): " + ", ".join(f"`{k}`" for k in missing_everywhere))
+    table = markdown_table([*label_by, "n", *(t for t, _ in columns)], rows)
+    intro = ("Test-set text metrics (percent), mean ± sample std over the runs of each group (ROUGE and "
+             "METEOR as the run computed them: of the beam hypotheses for translation).")
+    return Analysis(name, _document("Text metrics", intro, table, notes),
+                    {"analysis": "text_metrics", "label_by": list(label_by), "columns": dict(columns), "rows": out})
+
+
+# --------------------------------------------------------------------------- exposure bias (Tab. 4)
+
+
+@torch.no_grad()
+def greedy_decode_ids(model: nn.Module, sources: Sequence[Sequence[int]], *, max_len: int,
+                      device: torch.device | str = "cpu", batch_size: int = 64) -> list[list[int]]:
+    """Greedy translations as token ids (EOS and what follows removed), one list per source.
+
+    Same decoding as ``TranslationTask.translate(beam_size=1)`` (budget ``min(max_len, 2·S + 10)``
+    per chunk of ``batch_size`` sources, S the chunk's longest source), but keeps the ids.
+    """
+    from seqebm.data.batching import sequence_batch
+    from seqebm.sampling.basic import generate
+
+    model.eval()
+    out: list[list[int]] = []
+    for i in range(0, len(sources), batch_size):
+        enc = [list(s) for s in sources[i:i + batch_size]]
+        batch = sequence_batch(enc, bos_id=BOS_ID, eos_id=None, sources=enc)
+        src, mask = batch.source.to(device), batch.source_mask.to(device)  # (B, S)
+        prefix = torch.full((src.shape[0], 1), BOS_ID, device=device)
+        budget = min(max_len, 2 * src.shape[1] + 10)
+        rows = generate(model, prefix, budget, greedy=True, eos_id=EOS_ID, source=src, source_mask=mask).tolist()
+        out += [r[: r.index(EOS_ID)] if EOS_ID in r else r for r in rows]
+    return out
+
+
+@torch.no_grad()
+def reference_log_probs(model: nn.Module, sources: Sequence[Sequence[int]], hypotheses: Sequence[Sequence[int]],
+                        references: Sequence[Sequence[int]], *, device: torch.device | str = "cpu",
+                        batch_size: int = 64) -> list[Tensor]:
+    """log q(y_t | x, ŷ_<t): each reference token scored after the model's *own* decoded prefix.
+
+    For sentence i with reference y (L tokens, no EOS) and hypothesis ŷ (H tokens, no EOS) the
+    positions are t = 0 .. n_i − 1 with n_i = min(L, H + 1, max_len): ŷ_<t exists for t ≤ H.
+    One forward per chunk of ``batch_size`` sentences over the decoder inputs
+    (B, T) = [BOS, ŷ_0, ..., ŷ_{n_i − 2}] (right-padded; the decoder is causal, so padding never
+    reaches earlier positions), then a gather of the reference ids. Returns one (n_i,) float
+    tensor per sentence (E-Forcing §5.3, Tab. 4).
+    """
+    if not len(sources) == len(hypotheses) == len(references):
+        raise ValueError(f"got {len(sources)} sources, {len(hypotheses)} hypotheses, {len(references)} references")
+    from seqebm.data.batching import sequence_batch
+
+    model.eval()
+    limit = getattr(model, "max_len", None) or math.inf
+    out: list[Tensor] = []
+    for i in range(0, len(sources), batch_size):
+        src_ids = [list(s) for s in sources[i:i + batch_size]]
+        hyps, refs = hypotheses[i:i + batch_size], references[i:i + batch_size]
+        n = [int(min(len(y), len(h) + 1, limit)) for h, y in zip(hyps, refs)]
+        if max(n) == 0:
+            out += [torch.zeros(0) for _ in n]
+            continue
+        b, t = len(n), max(n)
+        inputs = torch.full((b, t), PAD_ID, dtype=torch.long)  # (B, T)
+        targets = torch.full((b, t), PAD_ID, dtype=torch.long)  # (B, T)
+        for j, (h, y, k) in enumerate(zip(hyps, refs, n)):
+            inputs[j, :k] = torch.tensor([BOS_ID, *h[: k - 1]][:k], dtype=torch.long)
+            targets[j, :k] = torch.tensor(list(y[:k]), dtype=torch.long)
+        src = sequence_batch(src_ids, bos_id=BOS_ID, eos_id=None, sources=src_ids)
+        logits = model(inputs.to(device), source=src.source.to(device), source_mask=src.source_mask.to(device))
+        logits = logits.float()  # (B, T, V)
+        logp = (logits.gather(-1, targets.to(device)[..., None]).squeeze(-1) - logits.logsumexp(-1)).cpu()  # (B, T)
+        out += [logp[j, :k] for j, k in enumerate(n)]
+    return out
+
+
+def _load_translation_run(run: RunInfo, device: str) -> tuple[Any, nn.Module, torch.device]:
+    """Task and model (best weights) of a translation run folder; clear errors otherwise."""
+    from seqebm.config import load_config
+    from seqebm.training.checkpoint import load_model
+    from seqebm.training.distributed import resolve_device
+    from seqebm.training.experiment import ExperimentConfig, build_model_for, build_task
+    from seqebm.training.trainer import BEST_MODEL
+
+    if not (run.path / BEST_MODEL).is_file():
+        raise FileNotFoundError(f"no trained weights ({BEST_MODEL}) in run folder {run.path}")
+    cfg = load_config(ExperimentConfig, run.path / "config.yaml")
+    task = build_task(cfg, run.path)
+    model = build_model_for(cfg, task)
+    load_model(model, run.path / BEST_MODEL)
+    dev = resolve_device(device)
+    return task, model.to(dev).eval(), dev
+
+
+def _tokenizer_files(run: RunInfo) -> dict[str, str]:
+    tok = run.path / "tokenizer"
+    if not tok.is_dir():
+        raise FileNotFoundError(f"no tokenizer/ folder in run folder {run.path}")
+    return {str(p.relative_to(tok)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tok.rglob("*")) if p.is_file()}
+
+
+def exposure_bias(baseline: str | Path, candidate: str | Path, *, split: str = "train", n: int = 1000,
+                  seed: int = 0, device: str = "auto", batch_size: int = 64, decimals: int = 2,
+                  name: str = "exposure_bias") -> Analysis:
+    """Exposure-bias test of E-Forcing §5.3, Tab. 4 (after Zhang et al., 2019), for translation runs.
+
+    Sample ``n`` source/reference pairs of ``split`` (``random.Random(seed)``; the seed's §5.3
+    draws 1K pairs from the *training* data). Each model decodes every source greedily. At each
+    target position t < min(len(ref), len(own hypothesis) + 1) take the model's probability of
+    the reference token y_t given the source and the model's OWN decoded prefix ŷ_<t (the
+    inference-time context, where exposure bias acts); positions are compared where both models
+    have one, t < min(len(ref), H_baseline + 1, H_candidate + 1). N counts the positions where the
+    candidate's probability is strictly greater than the baseline's; ratio = N / total. A run
+    compared with itself gives N = 0. Reference tokens exclude EOS ("ground truth words").
+
+    Both runs must be translation runs with identical tokenizer files; the sampled pairs are the
+    baseline's (a note says so when the candidate's ``split`` differs).
+    """
+    if n <= 0:
+        raise ValueError(f"the number of pairs n must be positive, got {n}")
+    runs = load_runs([baseline, candidate], need_results=False, unique=False)  # a run vs itself: N = 0
+    for role, run in zip(("baseline", "candidate"), runs):
+        kind = task_kind(run.config)
+        if kind != "translation":
+            raise ValueError(f"exposure-bias needs translation runs (task kind 'translation'); the {role} "
+                             f"{run.path} is a {kind!r} run (data.corpus={run.config['data']['corpus']!r})")
+    if _tokenizer_files(runs[0]) != _tokenizer_files(runs[1]):
+        raise ValueError(f"the runs do not share a tokenizer: {runs[0].path}/tokenizer and "
+                         f"{runs[1].path}/tokenizer differ (train both from the same data and tokenizer settings)")
+    (task_b, model_b, dev), (task_c, model_c, _) = (_load_translation_run(r, device) for r in runs)
+    if task_b.vocab_size != task_c.vocab_size:
+        raise ValueError(f"vocabulary sizes differ: baseline {task_b.vocab_size}, candidate {task_c.vocab_size}")
+    if split not in task_b.pairs:
+        raise ValueError(f"unknown split {split!r}; the run has {', '.join(task_b.pairs)}")
+    notes = []
+    if task_c.pairs.get(split) != task_b.pairs[split]:
+        notes.append(f"the candidate's {split} pairs differ from the baseline's; the baseline's are used")
+    pairs = task_b.pairs[split]
+    if not pairs:
+        raise ValueError(f"the {split} split of {runs[0].path} is empty")
+    index = random.Random(seed).sample(range(len(pairs)), min(n, len(pairs)))
+    tok = task_b.tokenizer
+    sources = tok.encode_batch([pairs[i][0] for i in index])
+    refs = tok.encode_batch([pairs[i][1] for i in index])
+    hyp_b = greedy_decode_ids(model_b, sources, max_len=task_b.max_len, device=dev, batch_size=batch_size)
+    hyp_c = greedy_decode_ids(model_c, sources, max_len=task_c.max_len, device=dev, batch_size=batch_size)
+    lp_b = reference_log_probs(model_b, sources, hyp_b, refs, device=dev, batch_size=batch_size)
+    lp_c = reference_log_probs(model_c, sources, hyp_c, refs, device=dev, batch_size=batch_size)
+    wins = ties = total = 0
+    sum_b = sum_c = 0.0
+    for a, b in zip(lp_b, lp_c):
+        m = min(len(a), len(b))
+        wins += int((b[:m] > a[:m]).sum())
+        ties += int((b[:m] == a[:m]).sum())
+        total += m
+        sum_b += float(a[:m].sum())
+        sum_c += float(b[:m].sum())
+    ratio = wins / total if total else None
+    data = {"analysis": "exposure_bias", "baseline": str(runs[0].path), "candidate": str(runs[1].path),
+            "split": split, "seed": seed, "sentences": len(index), "N": wins, "total": total, "ratio": ratio,
+            "ties": ties, "reference_tokens": sum(len(r) for r in refs),
+            "mean_log_prob": {"baseline": sum_b / total if total else None,
+                              "candidate": sum_c / total if total else None},
+            "mean_hypothesis_tokens": {"baseline": sum(map(len, hyp_b)) / len(index),
+                                       "candidate": sum(map(len, hyp_c)) / len(index)},
+            "indices": index}
+    table = markdown_table(["baseline", "candidate", "split", "sentences", "N", "total", "ratio"],
+                           [[runs[0].name, runs[1].name, split, len(index), wins, total,
+                             "n/a" if ratio is None else f"{100 * ratio:.{decimals}f}%"]])
+    notes.append(f"ties (equal probabilities, not counted in N): {ties}")
+    intro = ("E-Forcing §5.3, Tab. 4: N = target positions where the candidate gives the reference token "
+             "a strictly higher probability than the baseline, each model conditioned on the source and its "
+             "OWN greedy prefix ŷ_<t; total = positions t < min(|ref|, |ŷ_baseline| + 1, |ŷ_candidate| + 1). "
+             "A ratio above 50% means the candidate copes better with its own (inference-time) context.")
+    return Analysis(name, _document("Exposure bias", intro, table, notes), data)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _add_output_args(p: argparse.ArgumentParser, default_name: str, decimals: int = 2) -> None:
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--name", default=default_name, help=f"file stem of the outputs (default {default_name})")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--decimals", type=int, default=decimals, help="decimals in the Markdown table")
+
+
+def _emit(analysis: Analysis, args: argparse.Namespace) -> int:
+    paths = write_analysis(analysis, args.out, force=args.force)
+    print(analysis.markdown)
+    print(f"[seqebm] wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+def _check_output_free(args: argparse.Namespace, suffixes: Sequence[str] = (".md", ".json")) -> None:
+    """Fail before a long computation when the outputs exist (write_analysis checks again)."""
+    if args.force:
+        return
+    existing = [str(p) for s in suffixes if (p := Path(args.out) / f"{args.name}{s}").exists()]
+    if existing:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --force to overwrite, "
+                              "or choose another --out / --name)")
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    _check_output_free(args)
+    return _emit(summarize_runs(load_runs(args.runs), args.metrics, args.group_by or ["objective.name"],
+                                decimals=args.decimals, name=args.name), args)
+
+
+def _cmd_curves(args: argparse.Namespace) -> int:
+    _check_output_free(args, (".md", ".json", ".png"))
+    return _emit(loss_curves(load_runs(args.runs, need_results=False), args.keys or ["loss"], args.label_by or [],
+                             decimals=args.decimals, name=args.name), args)
+
+
+def _cmd_exposure_bias(args: argparse.Namespace) -> int:
+    _check_output_free(args)
+    return _emit(exposure_bias(args.baseline, args.candidate, split=args.split, n=args.n, seed=args.seed,
+                               device=args.device, batch_size=args.batch_size, decimals=args.decimals,
+                               name=args.name), args)
+
+
+def _cmd_length_buckets(args: argparse.Namespace) -> int:
+    _check_output_free(args)
+    return _emit(length_bucket_table(load_runs(args.runs), args.label_by or ["objective.name"],
+                                     decodings=args.decodings, decimals=args.decimals,
+                                     name=args.name), args)
+
+
+def _cmd_text_metrics(args: argparse.Namespace) -> int:
+    _check_output_free(args)
+    return _emit(text_metric_table(load_runs(args.runs), args.label_by or ["objective.name"],
+                                   beam_size=args.beam_size, decimals=args.decimals, name=args.name), args)
+
+
+def register_analysis_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``analyze`` (summary, curves, exposure-bias, length-buckets, text-metrics) to a CLI.
+
+    ``subparsers`` is the object returned by ``ArgumentParser.add_subparsers``; each leaf command
+    sets ``func`` (``args.func(args)`` returns the exit status). Errors are ``ValueError``,
+    ``FileNotFoundError`` or ``FileExistsError`` with a message for the user.
+    """
+    a = subparsers.add_parser("analyze", help="tables and plots across trained run folders (E-Forcing §5.3-5.4, "
+                                              "App. C)")
+    sub = a.add_subparsers(dest="analysis", required=True)
+    multi = {"action": "extend", "nargs": "+", "default": None}
+
+    s = sub.add_parser("summary", help="mean ± std over seeds of results.json metrics, grouped by config values")
+    s.add_argument("runs", nargs="+", help="run folders")
+    s.add_argument("--metrics", **multi, required=True,
+                   help="dotted keys into results.json, e.g. test.ppl test.bleu_beam5 valid.loss")
+    s.add_argument("--group-by", **multi, help="dotted config keys (repeatable; default objective.name)")
+    _add_output_args(s, "summary")
+    s.set_defaults(func=_cmd_summary)
+
+    c = sub.add_parser("curves", help="train/valid curves of several runs on one figure (Fig. 1)")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--keys", **multi, help="metrics.jsonl keys (default loss)")
+    c.add_argument("--label-by", **multi, help="dotted config keys for the legend (default: folder name)")
+    _add_output_args(c, "curves", decimals=4)
+    c.set_defaults(func=_cmd_curves)
+
+    e = sub.add_parser("exposure-bias", help="Tab. 4: reference-token probabilities under each model's own "
+                                             "greedy prefix, candidate vs baseline (translation runs)")
+    e.add_argument("--baseline", required=True, help="run folder of the baseline (e.g. teacher forcing)")
+    e.add_argument("--candidate", required=True, help="run folder of the candidate (e.g. E-Forcing)")
+    e.add_argument("--split", default="train", choices=["train", "valid", "test"],
+                   help="where the pairs come from (default train, as in the seed's §5.3)")
+    e.add_argument("--n", type=int, default=1000, help="number of sampled pairs (default 1000)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto")
+    _add_output_args(e, "exposure_bias")
+    e.set_defaults(func=_cmd_exposure_bias)
+
+    lb = sub.add_parser("length-buckets", help="Tab. 5: BLEU by target-length bucket, mean ± std")
+    lb.add_argument("runs", nargs="+")
+    lb.add_argument("--label-by", **multi, help="dotted config keys (default objective.name)")
+    lb.add_argument("--decodings", **multi, help="suffixes of test.bleu_by_length_* (default: greedy and "
+                                                 "beam<k> for the runs' eval.beam_size k, usually beam5)")
+    _add_output_args(lb, "length_buckets")
+    lb.set_defaults(func=_cmd_length_buckets)
+
+    t = sub.add_parser("text-metrics", help="Tab. 12: ROUGE-1/2/L, METEOR, BLEU, mean ± std")
+    t.add_argument("runs", nargs="+")
+    t.add_argument("--label-by", **multi, help="dotted config keys (default objective.name)")
+    t.add_argument("--beam-size", type=int, default=None,
+                   help="BLEU column test.bleu_beam<k> (default: the runs' eval.beam_size, usually 5)")
+    _add_output_args(t, "text_metrics")
+    t.set_defaults(func=_cmd_text_metrics)
+    return a
