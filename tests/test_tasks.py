@@ -78,3 +78,42 @@ def test_architecture_task_mismatch_is_explained(tmp_path):
                                                f"data.cache_dir={tmp_path}"])
     with pytest.raises(ValueError, match="digits task needs model.arch pixelcnn"):
         run_experiment(cfg, tmp_path / "r", log=lambda *_: None)
+
+
+TINY_TRANSLATION = ["data.corpus=synthetic-translation", "data.synthetic.n_words=50", "data.synthetic.n_train=300",
+                    "data.synthetic.n_valid=20", "data.synthetic.n_test=10", "data.tokenizer=char",
+                    "data.max_tokens=2048", "model.arch=seq2seq", "model.d_model=32", "model.n_layers=1",
+                    "model.n_heads=2", "model.max_len=512"]
+
+
+def test_translation_reports_length_buckets_rouge_meteor_and_energy_resampling(tmp_path):
+    """E-Forcing Tab. 5 (BLEU by reference length), Tab. 12 (ROUGE/METEOR), Tab. 7 (Top-K resampling)."""
+    from seqebm.eval.metrics import corpus_bleu, meteor_available
+    from seqebm.training.experiment import build_model_for
+
+    cfg = load_config(ExperimentConfig, None, TINY_TRANSLATION + ["eval.beam_size=2", "eval.resample_k=[0, 1, 3]",
+                                                                  "eval.resample_mode=sample"])
+    assert cfg.eval.resample_k == [0, 1, 3]
+    task = build_task(cfg, None)
+    assert task.resample_k == [0, 1, 3] and task.resample_mode == "sample"
+    torch.manual_seed(0)
+    model = build_model_for(cfg, task)
+    out = task.evaluate(model, "test")
+    for key in ("bleu_by_length_greedy", "bleu_by_length_beam2"):
+        assert list(out[key]) == ["<25", "25-49", ">=50"]
+        assert all(v is None or 0 <= v <= 100 for v in out[key].values())
+    assert {"rouge1", "rouge2", "rougeL"} <= set(out) and all(0 <= out[k] <= 100 for k in ("rouge1", "rougeL"))
+    assert ("meteor" in out) == meteor_available()
+    assert {"bleu_resample1", "bleu_resample3"} <= set(out) and "bleu_resample0" not in out
+    # k = 1 is one plain sample per source, seeded by the task's seed + k
+    srcs, refs = [s for s, _ in task.pairs["test"]], [t for _, t in task.pairs["test"]]
+    hyps = task.translate(model, srcs, num_candidates=1, generator=torch.Generator().manual_seed(task.seed + 1))
+    assert out["bleu_resample1"] == corpus_bleu(hyps, refs)["bleu"]
+    json.dumps(out)  # results.json stays serialisable
+
+
+@pytest.mark.parametrize("override,match", [(["eval.resample_k=[-1]"], "eval.resample_k must be a list of ints"),
+                                            (["eval.resample_mode=argmax"], "eval.resample_mode must be")])
+def test_bad_resampling_settings_are_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(ExperimentConfig, None, override)

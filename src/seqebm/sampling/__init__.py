@@ -16,6 +16,9 @@ Energy-based models p(x) ∝ exp(−E(x)) (monograph §2.3.1), all chains as one
   :func:`hmc` (:mod:`seqebm.sampling.hamiltonian`): continuous states.
 * :class:`ReplayBuffer`, :class:`PersistentChains` (:mod:`seqebm.sampling.replay`): persistent chains.
 * :mod:`seqebm.sampling.kernels`: the samplers as transition kernels for CD/PCD.
+
+Resampling (:mod:`seqebm.sampling.resampling`): :func:`importance_resample` (SIR / rerank, shared
+by E-Forcing's energy resampling and residual-EBM joint sampling), :func:`energy_resample`.
 """
 
 from seqebm.sampling.basic import filter_logits, generate
@@ -27,10 +30,14 @@ from seqebm.sampling.langevin_dynamics import ContinuousMCMCResult, langevin, po
 from seqebm.sampling.mcmc import MCMCResult, gibbs, metropolis_hastings
 from seqebm.sampling.mis import autoregressive_proposal, metropolis_independence
 from seqebm.sampling.replay import PersistentChains, ReplayBuffer
+from seqebm.sampling.resampling import (ResampleResult, autoregressive_sequence_energy, energy_resample,
+                                        gather_candidates, importance_resample)
 from seqebm.sampling.sampler import SampleOutput, enumerate_proposal, inverse_cdf, proposal_log_probs, sample
 from seqebm.sampling.scoring import sequence_log_prob, token_log_probs
 
-__all__ = ["BeamOutput", "ContinuousMCMCResult", "MCMCResult", "PersistentChains", "ReplayBuffer", "SampleOutput",
+__all__ = ["BeamOutput", "ContinuousMCMCResult", "MCMCResult", "PersistentChains", "ReplayBuffer", "ResampleResult",
+           "SampleOutput", "autoregressive_sequence_energy", "energy_resample", "gather_candidates",
+           "importance_resample",
            "autoregressive_proposal", "beam_search", "block_gibbs_kernel", "enumerate_proposal", "filter_logits",
            "generate", "gibbs", "gibbs_kernel", "hmc", "hmc_kernel", "inverse_cdf", "langevin", "langevin_kernel",
            "metropolis_hastings", "metropolis_independence", "metropolis_kernel", "polynomial_step_sizes",

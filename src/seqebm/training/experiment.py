@@ -137,6 +137,16 @@ class EvalConfig:
     top_k: int | None = 40
     temperature: float = 1.0
     beam_size: int = 5  # translation: BLEU with greedy decoding and with this beam (1 = greedy only)
+    # translation: Top-K energy re-sampling (E-Forcing App. C.1, Tab. 7): bleu_resample{k} for each k,
+    # one of k model samples per source kept by its E-Forcing energy (0 = plain decoding: skipped)
+    resample_k: list[int] = field(default_factory=list)
+    resample_mode: str = "rerank"  # rerank (lowest energy) | sample (importance resampling)
+
+    def __post_init__(self) -> None:
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.resample_k):
+            raise ValueError(f"eval.resample_k must be a list of ints >= 0, got {self.resample_k!r}")
+        if self.resample_mode not in ("sample", "rerank"):
+            raise ValueError(f"eval.resample_mode must be 'sample' or 'rerank', got {self.resample_mode!r}")
 
 
 @dataclass
@@ -218,7 +228,8 @@ def _translation_task(cfg: ExperimentConfig, tok_dir: Path | None):
     if cfg.model.arch != "seq2seq":
         raise ValueError(f"translation needs model.arch=seq2seq, got {cfg.model.arch!r}")
     return TranslationTask(pairs, tok, max_tokens=d.max_tokens, seed=cfg.train.seed,
-                           max_len=cfg.model.max_len or 256, beam_size=cfg.eval.beam_size)
+                           max_len=cfg.model.max_len or 256, beam_size=cfg.eval.beam_size,
+                           resample_k=cfg.eval.resample_k, resample_mode=cfg.eval.resample_mode)
 
 
 def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:

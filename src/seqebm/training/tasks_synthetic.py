@@ -103,10 +103,38 @@ class OracleLMTask:
 
 
 class TranslationTask:
+    """Translation: NLL/PPL on every split; on ``test`` also the decoding metrics of E-Forcing.
+
+    ``evaluate(model, "test")`` adds (E-Forcing seed, Tab. 2–3, 5, 7, 12):
+
+    * ``bleu_greedy`` (+ ``bleu_signature``) and, with ``beam_size > 1``, ``bleu_beam{beam_size}``;
+    * ``bleu_by_length_greedy`` / ``bleu_by_length_beam{beam_size}``: BLEU per bucket of
+      reference length in words, ``{"<25": .., "25-49": .., ">=50": ..}`` as in Tab. 5 (an empty
+      bucket's BLEU is None);
+    * ``rouge1``, ``rouge2``, ``rougeL`` and, when local WordNet data exists
+      (:func:`seqebm.eval.metrics.meteor_available`), ``meteor`` of the beam hypotheses (of the
+      greedy ones when ``beam_size == 1``), as in Tab. 12;
+    * ``bleu_resample{k}`` for every k in ``resample_k``: Top-K energy re-sampling (App. C.1,
+      Tab. 7), i.e. k samples per source from the model (temperature 1, no truncation), one
+      kept by :func:`seqebm.sampling.resampling.energy_resample` with ``resample_mode``
+      (``"rerank"``: lowest E-Forcing energy; ``"sample"``: SIR towards p_θ ∝ exp(−E_θ)). The
+      seed's k = 0 is plain decoding, already reported by the greedy/beam keys, so k = 0 is
+      skipped; k = 1 is one plain sample per source.
+    """
+
     kind = "translation"
+    length_buckets = (25, 50)  # reference words: [0, 25), [25, 50), [50, inf) (E-Forcing Tab. 5)
 
     def __init__(self, pairs: dict[str, list[tuple[str, str]]], tokenizer: Tokenizer, *, max_tokens: int,
-                 seed: int, max_len: int, eval_max_tokens: int | None = None, beam_size: int = 5) -> None:
+                 seed: int, max_len: int, eval_max_tokens: int | None = None, beam_size: int = 5,
+                 resample_k: list[int] | tuple[int, ...] = (), resample_mode: str = "rerank") -> None:
+        from seqebm.sampling.resampling import MODES
+
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in resample_k):
+            raise ValueError(f"resample_k must hold ints >= 0, got {list(resample_k)!r}")
+        if resample_mode not in MODES:
+            raise ValueError(f"resample_mode must be one of {MODES}, got {resample_mode!r}")
+        self.resample_k, self.resample_mode, self.seed = list(resample_k), resample_mode, seed
         self.tokenizer, self.max_len, self.beam_size = tokenizer, max_len, beam_size
         self.vocab_size = tokenizer.vocab_size
         self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
@@ -142,8 +170,13 @@ class TranslationTask:
 
     @torch.no_grad()
     def translate(self, model: nn.Module, sources: list[str], *, device: Any = "cpu", batch_size: int = 64,
-                  beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
-        """Greedy (``beam_size=1``) or beam-search translations of ``sources``."""
+                  beam_size: int = 1, length_penalty: float = 1.0, num_candidates: int = 0,
+                  resample_mode: str = "rerank", generator: torch.Generator | None = None) -> list[str]:
+        """Greedy (``beam_size=1``) or beam-search translations of ``sources``.
+
+        With ``num_candidates`` = k >= 1 instead: k samples per source, one kept by
+        :func:`~seqebm.sampling.resampling.energy_resample` (``resample_mode``, ``generator``).
+        """
         model.eval()
         out: list[str] = []
         for i in range(0, len(sources), batch_size):
@@ -152,7 +185,15 @@ class TranslationTask:
             src, mask = batch.source.to(device), batch.source_mask.to(device)
             prefix = torch.full((src.shape[0], 1), BOS_ID, device=device)
             budget = min(self.max_len, 2 * src.shape[1] + 10)
-            if beam_size == 1:
+            if num_candidates >= 1:
+                from seqebm.sampling.resampling import energy_resample
+
+                tokens, lengths, _ = energy_resample(
+                    model, prefix, num_candidates=num_candidates, max_new_tokens=budget, mode=resample_mode,
+                    eos_id=EOS_ID, pad_id=PAD_ID, context={"source": src, "source_mask": mask}, generator=generator,
+                    max_batch_tokens=4 * batch_size * (budget + 1))
+                rows = [r[:n] for r, n in zip(tokens.tolist(), lengths.tolist())]
+            elif beam_size == 1:
                 hyp = generate(model, prefix, budget, greedy=True, eos_id=EOS_ID, source=src, source_mask=mask)
                 rows = hyp.tolist()
             else:
@@ -162,19 +203,39 @@ class TranslationTask:
             out += self.tokenizer.decode_batch([r[: r.index(EOS_ID)] if EOS_ID in r else r for r in rows])
         return out
 
-    def evaluate(self, model: nn.Module, split: str, device: Any = "cpu") -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, device: Any = "cpu") -> dict[str, Any]:
         nll, tokens = corpus_nll(model, self.eval_batches(split), device)
-        out = perplexity_metrics(nll, tokens)
+        out: dict[str, Any] = perplexity_metrics(nll, tokens)
         if split == "test":
-            from seqebm.eval.metrics import corpus_bleu
+            from seqebm.eval.metrics import bleu_by_length, corpus_bleu, meteor, meteor_available, rouge
 
             refs = [t for _, t in self.pairs[split]]
             srcs = [s for s, _ in self.pairs[split]]
-            greedy = corpus_bleu(self.translate(model, srcs, device=device), refs)
+
+            def by_length(hyps: list[str]) -> dict[str, float | None]:
+                rows = bleu_by_length(hyps, refs, buckets=self.length_buckets)
+                return {row["bucket"]: row["bleu"] for row in rows}
+
+            hyps = self.translate(model, srcs, device=device)
+            greedy = corpus_bleu(hyps, refs)
             out["bleu_greedy"], out["bleu_signature"] = greedy["bleu"], greedy["signature"]
+            out["bleu_by_length_greedy"] = by_length(hyps)
             if self.beam_size > 1:
                 hyps = self.translate(model, srcs, device=device, beam_size=self.beam_size)
                 out[f"bleu_beam{self.beam_size}"] = corpus_bleu(hyps, refs)["bleu"]
+                out[f"bleu_by_length_beam{self.beam_size}"] = by_length(hyps)
+            out.update(rouge(hyps, refs))  # of the beam hypotheses (greedy when beam_size == 1)
+            if meteor_available():
+                score = meteor(hyps, refs)
+                if score is not None:
+                    out["meteor"] = score
+            for k in self.resample_k:
+                if k == 0:  # the seed's k = 0: plain decoding (bleu_greedy / bleu_beam*)
+                    continue
+                gen = torch.Generator().manual_seed(self.seed + k)
+                hyps = self.translate(model, srcs, device=device, num_candidates=k,
+                                      resample_mode=self.resample_mode, generator=gen)
+                out[f"bleu_resample{k}"] = corpus_bleu(hyps, refs)["bleu"]
         return out
 
     def samples(self, model: nn.Module, n: int, max_new_tokens: int = 0, *, device: Any = "cpu", **_: Any) -> list[str]:
