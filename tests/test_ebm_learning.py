@@ -343,3 +343,31 @@ def test_pcd_with_mala_and_hmc_kernels_on_continuous_data():
         model = _fit(objective, Gauss(), x, steps=400, batch=1000, lr=0.05)
         assert abs(model.mu.item() - x.mean().item()) < 0.05
         assert abs(math.exp(0.5 * model.log_var.item()) - x.std().item()) < 0.05
+
+
+def test_dnce_with_a_tied_transformer_noise_checkpoints_and_resumes(tmp_path, data):
+    """Tied embeddings inside the objective's noise model are saved once and restored (safetensors refuses aliases)."""
+    from seqebm.models.transformer import TransformerLM
+    from seqebm.training.config import OptimConfig, TrainerConfig
+    from seqebm.training.trainer import Trainer
+
+    def run(run_dir, steps, resume=False):
+        torch.manual_seed(0)
+        noise_lm = TransformerLM(V, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=T + 1, dropout=0.0,
+                                 tie_embeddings=True).double()
+        objective = DNCELoss(AutoregressiveNoise(noise_lm, T, bos_id=0), alpha=0.5)
+        model = make_model()
+        trainer = Trainer(model, objective, TensorSource(data[:1024], 128),
+                          optim=OptimConfig(lr=0.05, warmup_steps=0, schedule="constant"),
+                          train=TrainerConfig(max_steps=steps, eval_every=100, log_every=1, checkpoint_every=2,
+                                              progress=False, bf16=False), run_dir=run_dir)
+        trainer.fit(resume=resume)
+        return model, objective
+
+    full_model, full_obj = run(tmp_path / "full", 4)
+    run(tmp_path / "split", 2)
+    model, obj = run(tmp_path / "split", 4, resume=True)
+    torch.testing.assert_close(model.theta, full_model.theta, rtol=0, atol=0)
+    torch.testing.assert_close(obj.noise.model.head.weight, full_obj.noise.model.head.weight, rtol=0, atol=0)
+    assert obj.noise.model.head.weight is obj.noise.model.embed.weight or \
+        obj.noise.model.head.weight.data_ptr() == obj.noise.model.embed.weight.data_ptr()

@@ -82,7 +82,9 @@ def log_partition_bounds(log_weights: Tensor) -> LogPartitionBounds:
             are rejected.
 
     Returns:
-        :class:`LogPartitionBounds` with float64 tensors of shape ``...``.
+        :class:`LogPartitionBounds` with float64 tensors of shape ``...``. When only one weight
+        of an estimate is non-zero the leave-one-out sums are empty, and ``upper`` and
+        ``jackknife`` are +inf (honestly: n is far too small for that proposal).
 
     Raises:
         ValueError: on fewer than 2 weights, NaN, +inf, or all weights zero.

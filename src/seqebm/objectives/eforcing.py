@@ -32,11 +32,23 @@ weights self-normalised over the negatives of the batch, separately for every st
 
 where the sums run over the n_k negatives still alive at step k (not ended by EOS or the
 negative-length cap). In log space, log S_k = logsumexp(logits) and ŵ_{·,k}/n_k =
-softmax_i(log S_k); weights are detached. If the negatives were drawn from a truncated or
-tempered proposal r instead of q_θ (top-k, top-p, temperature), the exact correction
-log q_θ(x̃_<k) − log r(x̃_<k) (both returned by the sampler) is added to log S_k before the
-softmax, so the estimator still targets Eq. 8 where r covers q_θ's support. Self-normalisation
-makes the minibatch gradient biased by O(1/n) (and consistent as n grows).
+softmax_i(log S_k); weights are detached. If the negatives were drawn from a tempered or
+truncated proposal r instead of q_θ, the correction log q_θ(x̃_≤k) − log r(x̃_≤k) (both
+log-probabilities come from the sampler) is added to log S_k before the softmax. With a
+temperature r covers q_θ's support and the estimator still targets Eq. 8 (tested exactly);
+top-k / top-p never cover it, so they bias the estimator towards the truncated distribution.
+Self-normalisation makes the minibatch gradient biased by O(1/n) (and consistent as n grows).
+
+Three practical consequences of computing the weights from one batch:
+
+* With several contexts in a batch (sources in translation, prefixes with ``prefix_len`` > 1)
+  one normaliser is shared across contexts, as in the seed's batch practice: the estimator then
+  targets the KL of the joint over (context, x) rather than one conditional EBM per context.
+* Weights are normalised per micro-batch and per data-parallel rank, so the O(1/n) bias is that
+  of the local number of negatives (gradient accumulation does not reduce it).
+* Negatives are drawn with the model in eval mode (no dropout) while energies and weights come
+  from the training forward; with dropout > 0 the proposal is therefore not exactly the q_θ of
+  the weights (the correction is set to zero for the default proposal).
 
 The per-step contrastive loss whose gradient is that estimate of G₊ − G₋ (Eq. 10) is
 
@@ -165,11 +177,13 @@ class EForcingLoss(nn.Module):
         if batch.inputs.shape[1] < p:
             raise ValueError(f"prefix_len={p} exceeds the batch's input length {batch.inputs.shape[1]}")
         prefix = batch.inputs[owner, :p]
-        context = {k: v[owner] for k, v in batch.model_kwargs().items()}
+        context = {k: v[owner] for k, v in batch.model_kwargs().items() if v is not None}
         caps = torch.full((n,), self.num_steps, dtype=torch.long, device=prefix.device)
         if conditional and self.source_length_ratio is not None:
-            src_len = context["source_mask"].sum(1) if "source_mask" in context else \
-                torch.full((n,), context["source"].shape[1], device=prefix.device)
+            if context.get("source_mask") is not None:
+                src_len = context["source_mask"].sum(1)
+            else:
+                src_len = (context["source"] != getattr(base, "pad_id", 0)).sum(1)
             caps = torch.minimum(caps, torch.ceil(self.source_length_ratio * src_len).long()
                                  + self.source_length_offset).clamp_min(1)
         k = int(caps.max())
@@ -225,8 +239,9 @@ class EForcingLoss(nn.Module):
         pos_alive = batch.mask[:, start:start + kd]
         neg_logit_tgt, log_s, neg_log_q_tok = _token_terms(neg_logits, neg, alive)
         e_neg = _energies(neg_logit_tgt, neg_log_q_tok)
-        # truncated/tempered proposal: weight by q_θ(x̃_<k) / r(x̃_<k) as well
-        correction = torch.cumsum(log_q_over_r, 1) - log_q_over_r
+        # tempered/truncated proposal r: the pair (x̃_k, x̃_<k) was drawn from r, so weight by
+        # q_θ(x̃_≤k) / r(x̃_≤k) as well (inclusive of step k: under p_θ, x_k | x_<k follows q_θ)
+        correction = torch.cumsum(log_q_over_r, 1)
         w = snis_step_weights(log_s.detach().double() + correction, alive)  # (n, K), columns sum to 1
         dev = data_logits.device
         lam = step_coefficients(k, self.lambda_base, self.lambda_decay, dev)

@@ -14,8 +14,8 @@ data rows and K = νN noise rows (Algorithm 9) the loss returned here is
 
     loss = −(1/N) [ Σ_data log σ(G(x)) + Σ_noise log σ(−G(x)) ].
 
-The ``log ν`` term matters: without it the learned ζ settles at log Z − log ν instead of log Z
-(with K = ν N noise samples the prior ratio is ν). At the optimum (Theorem 2.4) p_{θ,ζ} equals
+The ``log ν`` term matters: without it the learned ζ settles at log Z + log ν instead of log Z
+(with K = ν N noise samples the prior ratio is ν; the model's total mass then settles at 1/ν). At the optimum (Theorem 2.4) p_{θ,ζ} equals
 the data distribution, so ζ estimates log Z_θ.
 
 DNCE (§2.4.1, Eq. 2.48) replaces the fixed q by a noise model q_φ trained by maximum

@@ -63,25 +63,26 @@ class UniformSequenceNoise(nn.Module):
 class AutoregressiveNoise(nn.Module):
     """Fixed-length sequences from an autoregressive model: q(x) = Π_t q(x_t | BOS, x_<t).
 
-    Draws use :func:`seqebm.sampling.sample` (exact log q of the distribution sampled; pass
-    ``temperature`` / ``top_k`` in ``sample_kwargs`` only if you accept a truncated support,
-    which breaks NCE's requirement that q > 0 wherever data has mass). ``log_prob`` scores
-    with :func:`seqebm.sampling.sequence_log_prob` and keeps the graph, so DNCE can train
-    the model by maximum likelihood.
+    Draws use :func:`seqebm.sampling.sample` from the model itself (no temperature / top-k /
+    top-p: ``log_prob`` must score the same density that is sampled, and NCE needs q > 0
+    wherever the data have mass). ``log_prob`` scores with
+    :func:`seqebm.sampling.sequence_log_prob` and keeps the graph, so DNCE can train the model
+    by maximum likelihood. Note that ``log_prob`` runs in the model's current mode: with dropout,
+    put the noise model in eval mode if exact densities matter.
 
     Args:
         model: an autoregressive seqebm model (or HF adapter) whose inputs start with ``bos_id``.
         length: T, generated tokens per sequence (no EOS).
         bos_id: the start token.
-        **sample_kwargs: forwarded to ``sample`` (e.g. ``max_batch_tokens``).
+        **sample_kwargs: forwarded to ``sample`` (only ``max_batch_tokens`` and ``pad_id`` make sense).
     """
 
     def __init__(self, model: nn.Module, length: int, *, bos_id: int, **sample_kwargs: Any) -> None:
         super().__init__()
         if length < 1 or bos_id < 0:
             raise ValueError(f"length must be positive and bos_id >= 0, got {length}, {bos_id}")
-        bad = sorted({"eos_id", "min_new_tokens", "prefix", "max_new_tokens", "num_samples", "generator"}
-                     & set(sample_kwargs))
+        bad = sorted({"eos_id", "min_new_tokens", "prefix", "max_new_tokens", "num_samples", "generator",
+                      "temperature", "top_k", "top_p"} & set(sample_kwargs))
         if bad:
             raise ValueError(f"AutoregressiveNoise does not accept {bad}")
         self.model, self.length, self.bos_id, self.sample_kwargs = model, length, bos_id, sample_kwargs

@@ -12,7 +12,7 @@ OPTIMIZERS = ("adamw", "sgd")
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
-    momentum: float = 0.0  # sgd only
+    momentum: float = 0.0  # sgd only (weight_decay applies to sgd as coupled L2: set 0 for textbook SA)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8

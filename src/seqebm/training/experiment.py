@@ -268,18 +268,19 @@ def _eforcing_objective(cfg: ObjectiveConfig, task: Any) -> EForcingLoss:
     num_steps = cfg.ef_num_steps
     if num_steps is None:
         num_steps = {"digits": 64, "translation": 256}.get(kind, 50)
-        if kind == "oracle":
-            num_steps = task.oracle.config.length
+        if kind == "oracle":  # variable-length oracle data end with EOS: one more step
+            num_steps = task.oracle.config.length + int(task.oracle.config.variable_length)
     start = cfg.ef_start_step
     if cfg.ef_start_epoch is not None:
         if task is None:
             raise ValueError("objective.ef_start_epoch needs the task (its batches per epoch)")
         start = int(round(cfg.ef_start_epoch * task.train_source.num_batches()))
     conditional = kind == "translation"
+    stops_at_eos = conditional or (kind == "oracle" and task.oracle.config.variable_length)
     return EForcingLoss(lambda_base=cfg.ef_lambda, lambda_decay=cfg.ef_decay, num_steps=num_steps,
                         source_length_ratio=cfg.ef_source_ratio if conditional else None,
                         source_length_offset=cfg.ef_source_offset, start_step=start, prefix_len=cfg.ef_prefix_len,
-                        num_negatives=cfg.ef_num_negatives, eos_id=EOS_ID if conditional else None,
+                        num_negatives=cfg.ef_num_negatives, eos_id=EOS_ID if stops_at_eos else None,
                         temperature=cfg.ef_temperature, top_k=cfg.ef_top_k, label_smoothing=cfg.label_smoothing,
                         max_batch_tokens=cfg.ef_max_batch_tokens)
 

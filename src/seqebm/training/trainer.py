@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from seqebm.data.batching import Batch
-from seqebm.training.checkpoint import load_checkpoint, save_checkpoint, save_model
+from seqebm.training.checkpoint import (_atomic_save_tensors, _load_weights, _read, _state_tensors, load_checkpoint,
+                                        rng_state, save_checkpoint, save_model, set_rng_state)
 from seqebm.training.config import OptimConfig, TrainerConfig, lr_at
 from seqebm.training.distributed import DistInfo, all_reduce_sum, barrier
 
@@ -109,9 +110,22 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT
 
+    def _rank_rng_path(self) -> Path:
+        return self.run_dir / "rng" / f"rank{self.dist.rank}.safetensors"
+
     def save(self) -> None:
+        if self.dist.enabled and not self.dist.is_main:
+            # every rank draws its own negatives / noise / chain moves: keep each rank's RNG
+            self._rank_rng_path().parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save_tensors(rng_state(), self._rank_rng_path(), {"format": "seqebm-rng-1"})
         if self.dist.is_main:
-            objective_state = {f"extra.objective.{k}": v for k, v in self.objective.state_dict().items()}
+            # the objective's own state (NCE's log Z, DNCE's noise model, PCD chains), tied tensors once
+            # and without what it shares with the model (saved with the model already)
+            model_ptrs = {t.untyped_storage().data_ptr() for t in self.model.state_dict().values() if t.numel()}
+            shared = {k for k, t in self.objective.state_dict().items()
+                      if t.numel() and t.untyped_storage().data_ptr() in model_ptrs}
+            objective_state = {f"extra.objective.{k}": v for k, v in _state_tensors(self.objective).items()
+                               if k not in shared}
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             trainer_state=self.state, extra_tensors=objective_state)
         barrier(self.dist)
@@ -129,7 +143,10 @@ class Trainer:
                 module = self.objective.get_submodule(owner) if owner else self.objective
                 if leaf in module._buffers and module._buffers[leaf] is not None:
                     module._buffers[leaf] = value.to(self.device)
-            self.objective.load_state_dict({k: v.to(self.device) for k, v in objective_state.items()}, strict=True)
+            _load_weights(self.objective, {k: v.to(self.device) for k, v in objective_state.items()},
+                          self.checkpoint_path, strict=False)
+        if self.dist.enabled and not self.dist.is_main and self._rank_rng_path().is_file():
+            set_rng_state(_read(self._rank_rng_path())[0])
         self.state.update(state)
 
     # ----------------------------------------------------------------- logging
@@ -242,7 +259,8 @@ class Trainer:
         if resume:
             self.resume()
         else:
-            torch.manual_seed(self.cfg.seed)
+            # ranks share the weights (DDP broadcasts them) but not their random streams
+            torch.manual_seed(self.cfg.seed + self.dist.rank)
         self._open_tensorboard()
         cfg = self.cfg
         bar = tqdm(total=cfg.max_steps, initial=self.state["step"], disable=not (cfg.progress and self.dist.is_main),
