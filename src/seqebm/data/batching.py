@@ -266,3 +266,43 @@ class TensorSource:
             self._perm, self._perm_epoch = torch.randperm(self.data.shape[0], generator=g), epoch
         idx = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
         return ebm_batch(self.data[idx])
+
+
+@dataclass
+class PairBatch:
+    """Real sequences and model samples for the same prefixes (residual-EBM conditional NCE).
+
+    Row i of ``positive`` (B, T) is a real sequence and row i of ``negative`` (B, T') an LM
+    sample continuing the same prefix; masks are True at real tokens (BOS included). The
+    trainer weights micro-batches by ``num_tokens`` = the number of pairs.
+    """
+
+    positive: Tensor
+    positive_mask: Tensor
+    negative: Tensor
+    negative_mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.positive.shape[0] != self.negative.shape[0]:
+            raise ValueError(f"positive ({self.positive.shape[0]}) and negative ({self.negative.shape[0]}) rows differ")
+        if self.positive_mask.shape != self.positive.shape or self.negative_mask.shape != self.negative.shape:
+            raise ValueError("masks must match their token tensors")
+
+    def __len__(self) -> int:
+        return self.positive.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self)
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
+
+    def rows(self, index: slice | Tensor) -> "PairBatch":
+        return PairBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    def shard(self, rank: int, world_size: int) -> "PairBatch":
+        if len(self) % world_size:
+            raise ValueError(f"batch of {len(self)} pairs cannot be split evenly over {world_size} ranks")
+        per = len(self) // world_size
+        return self.rows(slice(rank * per, (rank + 1) * per))

@@ -31,13 +31,13 @@ from seqebm.sampling.mcmc import MCMCResult, gibbs, metropolis_hastings
 from seqebm.sampling.mis import autoregressive_proposal, metropolis_independence
 from seqebm.sampling.replay import PersistentChains, ReplayBuffer
 from seqebm.sampling.resampling import (ResampleResult, autoregressive_sequence_energy, energy_resample,
-                                        gather_candidates, importance_resample)
+                                        gather_candidates, importance_resample, joint_sample)
 from seqebm.sampling.sampler import SampleOutput, enumerate_proposal, inverse_cdf, proposal_log_probs, sample
 from seqebm.sampling.scoring import sequence_log_prob, token_log_probs
 
 __all__ = ["BeamOutput", "ContinuousMCMCResult", "MCMCResult", "PersistentChains", "ReplayBuffer", "ResampleResult",
            "SampleOutput", "autoregressive_sequence_energy", "energy_resample", "gather_candidates",
-           "importance_resample",
+           "importance_resample", "joint_sample",
            "autoregressive_proposal", "beam_search", "block_gibbs_kernel", "enumerate_proposal", "filter_logits",
            "generate", "gibbs", "gibbs_kernel", "hmc", "hmc_kernel", "inverse_cdf", "langevin", "langevin_kernel",
            "metropolis_hastings", "metropolis_independence", "metropolis_kernel", "polynomial_step_sizes",

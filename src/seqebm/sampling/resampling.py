@@ -286,3 +286,41 @@ def _chunked_energy(model: nn.Module, rows: Tensor, prefix_len: int, lengths: Te
 
 __all__ = ["ResampleResult", "autoregressive_sequence_energy", "energy_resample", "gather_candidates",
            "importance_resample"]
+
+
+@torch.no_grad()
+def joint_sample(model: nn.Module, prefix: Tensor, *, num_candidates: int, max_new_tokens: int,
+                 top_k: int | None = None, correct_proposal: bool = False, num_draws: int = 1,
+                 generator: torch.Generator | None = None, max_batch_tokens: int | None = None,
+                 energy_batch_size: int = 4096) -> tuple[Tensor, ResampleResult]:
+    """Top-k joint sampling from a residual EBM (residual-EBM seed §3.3, Algorithm 1).
+
+    Draws ``num_candidates`` continuations of every prefix row (B, P) from the frozen LM
+    (``model.lm``; with ``top_k``), scores E_θ of each whole sequence and resamples with
+    probability softmax(−E) (Algorithm 1). Without top-k this is sampling-importance-resampling
+    from P_LM·exp(−E) and is exact as n → ∞. With ``correct_proposal=True`` the weights are
+    exp(log P_LM − E − log r) instead, which targets the untruncated joint model even under a
+    top-k proposal r (where r covers it); the seed's Algorithm 1 is ``correct_proposal=False``.
+
+    Args:
+        model: a :class:`~seqebm.models.residual.ResidualEBM` (``.lm`` and ``.energy(tokens, mask)``).
+        prefix: LongTensor (B, P), BOS first.
+
+    Returns:
+        ``(tokens (B, num_draws, P + L), ResampleResult)``: whole sequences, prefix included.
+    """
+    if not isinstance(num_candidates, int) or num_candidates < 1:
+        raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
+    b, p = prefix.shape
+    out = sample(model.lm, prefix, max_new_tokens=max_new_tokens, num_samples=num_candidates, top_k=top_k,
+                 generator=generator, max_batch_tokens=max_batch_tokens)
+    full = torch.cat([prefix.repeat_interleave(num_candidates, 0), out.tokens], 1)  # (B·n, P+L)
+    energies = torch.cat([model.energy(full[i:i + energy_batch_size],
+                                       torch.ones_like(full[i:i + energy_batch_size], dtype=torch.bool)).double()
+                          for i in range(0, full.shape[0], energy_batch_size)]).view(b, num_candidates)
+    if correct_proposal:
+        res = importance_resample(out.log_p.view(b, num_candidates) - energies,
+                                  out.log_q.view(b, num_candidates), num_draws=num_draws, generator=generator)
+    else:
+        res = importance_resample(-energies, None, num_draws=num_draws, generator=generator)
+    return gather_candidates(full.view(b, num_candidates, -1), res.index), res
