@@ -72,6 +72,18 @@ def test_features_identifiable_and_mle_close_to_truth(mle):
     assert (mle - THETA_STAR).abs().max() < 0.05
 
 
+class Gauss(torch.nn.Module):
+    """1-D Gaussian energy E(x) = (x − μ)² / (2σ²) with learnable μ and log σ² (continuous test bed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.log_var = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return 0.5 * (x[:, 0] - self.mu) ** 2 / self.log_var.exp()
+
+
 def _fit(objective, model, data, *, steps, batch, lr, seed=0, sgd_rm=False):
     """Minibatch training: Adam with linear decay to 0, or SGD with Robbins–Monro steps."""
     params = [*model.parameters(), *objective.parameters()]
@@ -222,15 +234,6 @@ def test_nce_on_continuous_data_with_gaussian_noise():
     g = torch.Generator().manual_seed(0)
     x = 1.5 + 0.7 * torch.randn(20000, 1, generator=g, dtype=torch.float64)
 
-    class Gauss(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mu = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-            self.log_var = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-        def forward(self, x):
-            return 0.5 * (x[:, 0] - self.mu) ** 2 / self.log_var.exp()
-
     noise = GaussianNoise(torch.zeros(1, dtype=torch.float64), 4 * torch.eye(1, dtype=torch.float64))
     objective = NCELoss(noise, nu=2.0)
     model = _fit(objective, Gauss(), x, steps=800, batch=1000, lr=0.03)
@@ -327,15 +330,6 @@ def test_pcd_with_mala_and_hmc_kernels_on_continuous_data():
 
     g = torch.Generator().manual_seed(0)
     x = -1.0 + 0.5 * torch.randn(4000, 1, generator=g, dtype=torch.float64)
-
-    class Gauss(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mu = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-            self.log_var = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-        def forward(self, v):
-            return 0.5 * (v[:, 0] - self.mu) ** 2 / self.log_var.exp()
 
     for kernel in (langevin_kernel(0.3, steps=2), hmc_kernel(0.3, 3)):
         objective = ContrastiveDivergenceLoss(kernel, persistent=True, num_chains=1000,
