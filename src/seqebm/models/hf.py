@@ -179,6 +179,18 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=tokens.long(), use_cache=False)
         return out.logits.float()
 
+    def features(self, tokens: Tensor, **context: Tensor) -> Tensor:
+        """Top hidden states ``(B, T, D)`` float32, the input of the output head.
+
+        The last entry of ``hidden_states`` (``output_hidden_states=True``), which is taken after
+        the final norm, so ``get_output_embeddings()(features) == forward`` for architectures
+        whose logits are that plain projection (not e.g. Gemma-2's soft-capped logits).
+        Context keywords are accepted and ignored, as in :meth:`forward`.
+        """
+        check_tokens(tokens, self.vocab_size, self.max_len)
+        out = self.model(input_ids=tokens.long(), use_cache=False, output_hidden_states=True)
+        return out.hidden_states[-1].float()
+
     # ------------------------------------------------------------------ incremental
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> HFState:
         """Empty cache for ``batch_size`` rows (``device`` is implied by the model's weights)."""

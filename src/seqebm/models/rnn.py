@@ -53,6 +53,17 @@ class RNNLM(nn.Module):
         check_tokens(tokens, self.vocab_size, self.max_len)
         return self._run(tokens, None)[0]
 
+    def features(self, tokens: Tensor, **context: Tensor) -> Tensor:
+        """Top hidden states ``(B, T, E)`` after the projection: ``head(features) == forward``.
+
+        The same dropout as in :meth:`forward` is applied, so the identity also holds in
+        training mode for a shared random state. Used by energy networks built on the LM
+        (residual-EBM seed §4.1, UniT).
+        """
+        check_tokens(tokens, self.vocab_size, self.max_len)
+        out, _ = self.rnn(self.drop(self.embed(tokens)), None)
+        return self.drop(self.proj(out))
+
     def init_state(self, batch_size: int, device: torch.device | str, **context: Tensor) -> dict:
         dtype = self.embed.weight.dtype
         z = torch.zeros(batch_size, self.n_layers, self.hidden, device=device, dtype=dtype)

@@ -116,6 +116,19 @@ class TransformerLM(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
+    def features(self, tokens: Tensor, **context: Tensor) -> Tensor:
+        """Top hidden states ``(B, T, D)`` after the final LayerNorm: ``head(features) == forward``.
+
+        Row ``t`` summarises ``tokens[:, : t + 1]`` (causal), so right padding never changes the
+        states of earlier positions. Used by energy networks built on the LM (residual-EBM
+        seed §4.1, UniT).
+        """
+        check_tokens(tokens, self.vocab_size, self.max_len)
+        x = self._embed(tokens, 0)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
     def init_state(self, batch_size: int, device: torch.device | str, *, capacity: int | None = None,
                    **context: Tensor) -> KVCache:
         """An empty KV cache for ``batch_size`` rows and ``capacity`` positions (default max_len)."""
