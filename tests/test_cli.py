@@ -136,3 +136,22 @@ def test_resume_without_checkpoint(tmp_path, capsys):
 def test_missing_run_folder(tmp_path, capsys):
     err = _err(capsys, ["eval", "--run-dir", str(tmp_path / "none")])
     assert "run folder not found" in err
+
+
+def test_residual_ebm_on_top_of_a_run_trains_resumes_and_reports_bounds(run, corpus, tmp_path):
+    """model.arch=residual: offline negatives, conditional NCE, perplexity bounds; resuming reuses the negatives."""
+    res = tmp_path / "res"
+    args = ["train", "--run-dir", str(res), f"data.corpus={corpus}", "model.arch=residual", f"model.base_run={run}",
+            "objective.name=cnce", "data.batch_size=8", "data.residual.prefix_len=8", "data.residual.cont_len=4",
+            "data.residual.num_negatives=3", "data.residual.bound_samples=4", "data.residual.max_eval_rows=16",
+            "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2", "train.progress=false",
+            "eval.num_samples=2", "optim.warmup_steps=1"]
+    assert main(args) == 0
+    results = json.loads((res / "results.json").read_text())
+    assert 0 <= results["valid"]["accuracy"] <= 1
+    t = results["test"]
+    assert t["joint_ppl_lower"] <= t["joint_ppl_upper"] and t["lm_ppl"] > 1
+    manifest = (res / "negatives" / "train" / "manifest.json").read_text()
+    assert main(["train", "--run-dir", str(res), "--resume", "train.max_steps=6"]) == 0
+    assert (res / "negatives" / "train" / "manifest.json").read_text() == manifest
+    assert json.loads((res / "results.json").read_text())["steps"] == 6

@@ -14,6 +14,7 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, *, keys: tuple[s
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    keys = tuple(k for k in keys if any(k in r for r in records)) or keys[:1]  # skip metrics this run lacks
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for split, style in (("train", "-"), ("valid", "o-")):
@@ -23,7 +24,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, *, keys: tuple[s
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=110)

@@ -25,7 +25,7 @@ from seqebm.training.config import OptimConfig, TrainerConfig
 from seqebm.training.distributed import barrier, init_distributed, resolve_device
 from seqebm.training.trainer import BEST_MODEL, CHECKPOINT, METRICS, Trainer
 
-OBJECTIVES = ("teacher_forcing", "scheduled_sampling", "eforcing")
+OBJECTIVES = ("teacher_forcing", "scheduled_sampling", "eforcing", "cnce")
 
 
 @dataclass
@@ -50,6 +50,23 @@ class SyntheticConfig:
 
 
 @dataclass
+class ResidualDataConfig:
+    """Windows and negatives of the residual-EBM task (``model.arch=residual``; seed §4.1)."""
+
+    prefix_len: int = 32
+    cont_len: int = 16
+    num_negatives: int = 16  # LM samples per training/validation prefix (the seed: 16 or 128)
+    top_k: int | None = None  # top-k of the LM samples (None: untruncated)
+    bound_samples: int = 64  # LM samples per test prefix for the perplexity bounds
+    max_eval_rows: int | None = 256  # windows of valid/test (the bounds cost bound_samples each)
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_len", "cont_len", "num_negatives", "bound_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.residual.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class DataConfig:
     # wiki-mini | digits | oracle | synthetic-translation | a .txt/.jsonl file or a folder with train/valid/test
     corpus: str = "wiki-mini"
@@ -65,6 +82,7 @@ class DataConfig:
     cache_dir: str | None = None
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    residual: ResidualDataConfig = field(default_factory=ResidualDataConfig)
 
     def __post_init__(self) -> None:
         if (self.source_file is None) != (self.target_file is None):
@@ -92,10 +110,18 @@ class ModelConfig:
     # start from the best weights of an earlier run folder (its tokenizer / oracle are reused);
     # the architecture settings must match that run's
     init_from: str | None = None
+    # residual EBM (arch=residual): the frozen base LM's run folder and the energy network
+    base_run: str | None = None
+    energy: str = "unit"  # unit | bit | hf (BiT*: model.hf_path or the packaged MiniLM)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"model.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.arch not in (*ARCHITECTURES, "residual"):
+            raise ValueError(f"model.arch must be one of {', '.join((*ARCHITECTURES, 'residual'))}, "
+                             f"got {self.arch!r}")
+        if self.arch == "residual" and not self.base_run:
+            raise ValueError("model.arch=residual needs model.base_run (the run folder of the base LM)")
+        if self.energy not in ("unit", "bit", "hf"):
+            raise ValueError(f"model.energy must be unit, bit or hf, got {self.energy!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -166,6 +192,8 @@ def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
 
     d = cfg.data
     tok_dir = None if run_dir is None else run_dir / "tokenizer"
+    if cfg.model.arch == "residual":
+        return _residual_task(cfg, run_dir)
     if d.corpus == "digits":
         from seqebm.data.digits import load_digits_dataset
 
@@ -183,6 +211,37 @@ def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
     return TextLMTask.build(corpus, tokenizer_kind=d.tokenizer, vocab_size=d.vocab_size, tokenizer_dir=tok_dir,
                             seq_len=d.seq_len, batch_size=d.batch_size, seed=cfg.train.seed,
                             eval_batch_size=d.eval_batch_size)
+
+
+def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
+    from seqebm.config import load_config
+    from seqebm.data.corpora import load_corpus
+    from seqebm.data.tokenizers import load_tokenizer
+    from seqebm.training.tasks_residual import ResidualTask
+
+    base = Path(cfg.model.base_run)
+    if not (base / "config.yaml").is_file() or not (base / BEST_MODEL).is_file():
+        raise FileNotFoundError(f"model.base_run: {base} is not a finished run folder (config.yaml, {BEST_MODEL})")
+    base_cfg = load_config(ExperimentConfig, base / "config.yaml")
+    if base_cfg.model.arch in ("seq2seq", "pixelcnn", "gated_pixelcnn", "residual"):
+        raise ValueError(f"the base LM must be a text LM, got model.arch={base_cfg.model.arch!r}")
+    tok = load_tokenizer(base / "tokenizer")
+    lm = build_model(base_cfg.model.arch, tok.vocab_size, d_model=base_cfg.model.d_model,
+                     n_layers=base_cfg.model.n_layers, n_heads=base_cfg.model.n_heads, d_ff=base_cfg.model.d_ff,
+                     dropout=0.0, max_len=base_cfg.model.max_len or base_cfg.data.seq_len + 1,
+                     hidden=base_cfg.model.hidden, tie_embeddings=base_cfg.model.tie_embeddings,
+                     hf_path=base_cfg.model.hf_path)
+    load_model(lm, base / BEST_MODEL)
+    lm.eval()
+    r, d = cfg.data.residual, cfg.data
+    corpus = load_corpus(d.corpus, cache_dir=d.cache_dir, seed=d.seed)
+    rows = {"train": None, "valid": r.max_eval_rows, "test": r.max_eval_rows}
+    if d.max_train_docs is not None:
+        corpus.train = corpus.train[: d.max_train_docs]
+    return ResidualTask(corpus, tok, lm, run_dir=run_dir, prefix_len=r.prefix_len, cont_len=r.cont_len,
+                        num_negatives=r.num_negatives, top_k=r.top_k, batch_size=d.batch_size, seed=cfg.train.seed,
+                        bound_samples=r.bound_samples, max_rows=rows, eval_batch_size=d.eval_batch_size,
+                        progress=cfg.train.progress)
 
 
 def _oracle_task(cfg: ExperimentConfig, run_dir: Path | None):
@@ -234,6 +293,8 @@ def _translation_task(cfg: ExperimentConfig, tok_dir: Path | None):
 
 def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
     m = cfg.model
+    if m.arch == "residual":
+        return _residual_model(cfg, task)
     default_len = {"digits": 64, "translation": 256}.get(task.kind, cfg.data.seq_len + 1)
     if task.kind == "oracle":
         default_len = task.oracle.config.length + 1
@@ -252,11 +313,33 @@ def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
     return model
 
 
+def _residual_model(cfg: ExperimentConfig, task: Any) -> nn.Module:
+    from seqebm.models.energy import BiTEnergy, HFEncoderEnergy, UniTEnergy
+    from seqebm.models.residual import ResidualEBM
+
+    if task.kind != "residual":
+        raise ValueError("model.arch=residual needs the residual task")
+    m = cfg.model
+    if m.energy == "unit":
+        energy = UniTEnergy(task.lm)
+    elif m.energy == "bit":
+        energy = BiTEnergy(task.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+                           d_ff=m.d_ff or 4 * m.d_model, max_len=1 + task.prefix_len + task.cont_len,
+                           dropout=m.dropout)
+    else:
+        energy = HFEncoderEnergy(m.hf_path, source_tokenizer=task.tokenizer)
+    return ResidualEBM(task.lm, energy)
+
+
 def build_objective(cfg: ObjectiveConfig, task: Any = None) -> nn.Module:
     if cfg.name == "teacher_forcing":
         return TeacherForcingLoss(label_smoothing=cfg.label_smoothing)
     if cfg.name == "eforcing":
         return _eforcing_objective(cfg, task)
+    if cfg.name == "cnce":
+        from seqebm.objectives.conditional_nce import ConditionalNCELoss
+
+        return ConditionalNCELoss()
     return ScheduledSamplingLoss(mode=cfg.ss_mode, schedule=cfg.ss_schedule, k=cfg.ss_k, minimum=cfg.ss_min,
                                  predict=cfg.ss_predict)
 
