@@ -4,7 +4,8 @@ The bounds of the residual-EBM seed (Thm. 2, Eq. 4) need n LM samples per prefix
 energies. This measures that estimation (:func:`seqebm.estimators.residual.sample_log_weights`)
 for B prefixes of P tokens, n continuations of L tokens each, with a Transformer LM and a UniT
 energy: once with the shared-prefix engine (each prefix encoded once, its KV cache shared by its
-n samples) and once the straightforward way (the prefix repeated n times and encoded n times).
+n samples, in the LM's generation and in the UniT energy) and once the straightforward way (the
+prefix repeated n times and encoded n times in both).
 ``ratio`` = straightforward time / shared time (target >= 3x); also samples drawn and scored per
 second and the achieved GFLOP/s against this machine's matmul peak.
 
@@ -51,9 +52,9 @@ def main() -> None:
     t_shared = best_time(shared, repeats)
     t_plain = best_time(straightforward, repeats)
     params = sum(x.numel() for x in lm.parameters())
-    # FLOPs: generation ≈ 2·params per new token per sample plus the prefix once per prefix (shared)
-    # or once per sample (plain); the energy pass ≈ 2·params per token of every whole sequence
-    flops_shared = 2 * params * (b * p + b * n * new + b * n * (p + new))
+    # FLOPs of the shared path, ≈ 2·params per token processed: generation reads each prefix once
+    # and each sample's new tokens; the UniT energy (same size as the LM) does the same
+    flops_shared = 2 * 2 * params * (b * p + b * n * new)
     gflops = flops_shared / t_shared / 1e9
     peak = matmul_peak_gflops()
     rate = b * n / t_shared

@@ -345,3 +345,24 @@ def test_bit_star_frozen_encoder_trains_only_the_head(minilm_energy):
     net(tokens, torch.ones_like(tokens, dtype=torch.bool)).sum().backward()
     assert net.out.weight.grad is not None
     assert all(p.grad is None for p in net.encoder.parameters())
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gru"])
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_unit_shared_prefix_energy_equals_the_full_rows(arch, pool):
+    """Encoding each prefix once and sharing its cache gives the energies of the concatenated rows."""
+    from seqebm.models import build_model
+    from seqebm.models.energy import UniTEnergy
+
+    torch.manual_seed(0)
+    lm = build_model(arch, 30, d_model=16, n_layers=2, n_heads=2, dropout=0.0, max_len=32)
+    energy = UniTEnergy(lm, pool=pool).eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 30, (3, 6), generator=g)
+    prefix[:, 0] = 1
+    cont = torch.randint(3, 30, (3, 5, 4), generator=g)
+    full = torch.cat([prefix.repeat_interleave(5, 0), cont.reshape(15, 4)], 1)
+    with torch.no_grad():
+        shared = energy.shared_prefix_energy(prefix, cont)
+        plain = energy.energy(full).view(3, 5)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)

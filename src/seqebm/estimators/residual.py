@@ -99,8 +99,15 @@ def sample_log_weights(model: nn.Module, prefix: Tensor, *, num_samples: int, ma
     b = prefix.shape[0]
     out = sample(model.lm, prefix, max_new_tokens=max_new_tokens, num_samples=num_samples, top_k=top_k,
                  generator=generator, max_batch_tokens=max_batch_tokens)
-    full = torch.cat([prefix.repeat_interleave(num_samples, 0), out.tokens], 1)  # (B·n, T)
-    e = _energies(model, full, energy_batch_size).view(b, num_samples)
+    shared = getattr(getattr(model, "energy_net", None), "shared_prefix_energy", None)
+    if shared is not None:  # the energy also reads each prefix once (UniT on a Transformer LM)
+        rows_per_call = max(1, energy_batch_size // num_samples)
+        e = torch.cat([shared(prefix[i:i + rows_per_call],
+                              out.tokens.view(b, num_samples, -1)[i:i + rows_per_call]).double()
+                       for i in range(0, b, rows_per_call)])
+    else:
+        full = torch.cat([prefix.repeat_interleave(num_samples, 0), out.tokens], 1)  # (B·n, T)
+        e = _energies(model, full, energy_batch_size).view(b, num_samples)
     if top_k is None:
         return residual_log_weights(e)
     return residual_log_weights(e, out.log_p.view(b, num_samples), out.log_q.view(b, num_samples))

@@ -193,6 +193,37 @@ class UniTEnergy(_EnergyNet):
         self.d_model = d
         self.out = _init_linear(nn.Linear(d, 1))
 
+    def shared_prefix_energy(self, prefix: Tensor, continuations: Tensor) -> Tensor:
+        """E of ``[prefix_b, continuation_{b,i}]`` for every prefix row b and its n continuations.
+
+        Args:
+            prefix: (B, P) tokens (BOS first), all real.
+            continuations: (B, n, C) tokens, all real (fixed length, no padding).
+
+        Returns:
+            (B, n) energies, equal to :meth:`energy` on the concatenated rows. With a backbone that
+            has a shareable KV cache (the Transformer LM) the prefix is encoded once and its keys
+            and values shared by its n continuations (the causal backbone makes the prefix's
+            states independent of the continuation); other backbones run the full rows.
+        """
+        b, n, c = continuations.shape
+        if prefix.shape[0] != b:
+            raise ValueError(f"prefix rows {prefix.shape[0]} != continuation groups {b}")
+        full_rows = torch.cat([prefix.repeat_interleave(n, 0), continuations.reshape(b * n, c)], 1)
+        bb = self.backbone
+        if not all(hasattr(bb, a) for a in ("init_state", "step_features", "share_state")):
+            return self.energy(full_rows, torch.ones_like(full_rows, dtype=torch.bool)).view(b, n)
+        check_tokens(full_rows, self.vocab_size, self.max_len)
+        p = prefix.shape[1]
+        state = bb.init_state(b, prefix.device, capacity=p + c)
+        h_prefix, state = bb.step_features(prefix, state)  # (B, P, D)
+        h_cont, _ = bb.step_features(continuations.reshape(b * n, c), bb.share_state(state, n))  # (B·n, C, D)
+        if self.pool == "mean":
+            pooled = (h_prefix.sum(1).repeat_interleave(n, 0) + h_cont.sum(1)) / (p + c)
+        else:
+            pooled = h_cont[:, -1]
+        return self.out(pooled.to(self.out.weight.dtype)).squeeze(-1).float().view(b, n)
+
     def _energy(self, tokens: Tensor, mask: Tensor) -> Tensor:
         h = self.backbone.features(tokens)  # (B, T, D)
         if self.pool == "mean":

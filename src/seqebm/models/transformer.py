@@ -142,6 +142,12 @@ class TransformerLM(nn.Module):
 
         The cache is updated in place and returned.
         """
+        h, state = self.step_features(tokens, state)
+        return self._project_small(h), state
+
+    def step_features(self, tokens: Tensor, state: KVCache | SharedPrefixCache
+                      ) -> tuple[Tensor, KVCache | SharedPrefixCache]:
+        """Top hidden states (B, S, D) (what :meth:`features` returns) for ``tokens`` after the cache."""
         if tokens.shape[1] + state.length > self.max_len:
             raise ValueError(
                 f"sequence of length {tokens.shape[1] + state.length} is longer than the model's "
@@ -151,7 +157,7 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache=state, layer=i)
         state.length += tokens.shape[1]
-        return self._project_small(self.ln_f(x)), state
+        return self.ln_f(x), state
 
     def _project_small(self, h: Tensor) -> Tensor:
         """Output logits for few rows (decoding): ``(W @ h^T)^T``, same values as ``self.head(h)``.
