@@ -155,3 +155,14 @@ def test_residual_ebm_on_top_of_a_run_trains_resumes_and_reports_bounds(run, cor
     assert main(["train", "--run-dir", str(res), "--resume", "train.max_steps=6"]) == 0
     assert (res / "negatives" / "train" / "manifest.json").read_text() == manifest
     assert json.loads((res / "results.json").read_text())["steps"] == 6
+
+
+def test_ralm_baseline_on_top_of_a_run(run, corpus, tmp_path):
+    """model.arch=ralm: the base LM frozen, a residual LM trained by exact likelihood (seed Eq. 6)."""
+    res = tmp_path / "ralm"
+    args = ["train", "--run-dir", str(res), f"data.corpus={corpus}", "model.arch=ralm", f"model.base_run={run}",
+            *[a for a in TINY if not a.startswith("data.tokenizer")]]
+    assert main(args) == 0
+    results = json.loads((res / "results.json").read_text())
+    base = json.loads((run / "results.json").read_text())
+    assert results["test"]["ppl"] > 1 and results["params"] > base["params"]

@@ -113,13 +113,14 @@ class ModelConfig:
     # residual EBM (arch=residual): the frozen base LM's run folder and the energy network
     base_run: str | None = None
     energy: str = "unit"  # unit | bit | hf (BiT*: model.hf_path or the packaged MiniLM)
+    residual_arch: str = "transformer"  # ralm: the architecture of P_φ (sizes from this section)
 
     def __post_init__(self) -> None:
-        if self.arch not in (*ARCHITECTURES, "residual"):
-            raise ValueError(f"model.arch must be one of {', '.join((*ARCHITECTURES, 'residual'))}, "
-                             f"got {self.arch!r}")
-        if self.arch == "residual" and not self.base_run:
-            raise ValueError("model.arch=residual needs model.base_run (the run folder of the base LM)")
+        archs = (*ARCHITECTURES, "residual", "ralm")
+        if self.arch not in archs:
+            raise ValueError(f"model.arch must be one of {', '.join(archs)}, got {self.arch!r}")
+        if self.arch in ("residual", "ralm") and not self.base_run:
+            raise ValueError(f"model.arch={self.arch} needs model.base_run (the run folder of the base LM)")
         if self.energy not in ("unit", "bit", "hf"):
             raise ValueError(f"model.energy must be unit, bit or hf, got {self.energy!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -194,6 +195,10 @@ def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
     tok_dir = None if run_dir is None else run_dir / "tokenizer"
     if cfg.model.arch == "residual":
         return _residual_task(cfg, run_dir)
+    if cfg.model.arch == "ralm" and tok_dir is not None and not tok_dir.exists():
+        import shutil
+
+        shutil.copytree(Path(cfg.model.base_run) / "tokenizer", tok_dir)  # RALM shares the base LM's vocabulary
     if d.corpus == "digits":
         from seqebm.data.digits import load_digits_dataset
 
@@ -213,18 +218,17 @@ def build_task(cfg: ExperimentConfig, run_dir: Path | None = None):
                             eval_batch_size=d.eval_batch_size)
 
 
-def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
+def load_base_lm(base_run: str | Path) -> tuple[nn.Module, Any]:
+    """The frozen (eval, dropout 0) best LM of a finished text-LM run folder, and its tokenizer."""
     from seqebm.config import load_config
-    from seqebm.data.corpora import load_corpus
     from seqebm.data.tokenizers import load_tokenizer
-    from seqebm.training.tasks_residual import ResidualTask
 
-    base = Path(cfg.model.base_run)
+    base = Path(base_run)
     if not (base / "config.yaml").is_file() or not (base / BEST_MODEL).is_file():
         raise FileNotFoundError(f"model.base_run: {base} is not a finished run folder (config.yaml, {BEST_MODEL})")
     base_cfg = load_config(ExperimentConfig, base / "config.yaml")
-    if base_cfg.model.arch in ("seq2seq", "pixelcnn", "gated_pixelcnn", "residual"):
-        raise ValueError(f"the base LM must be a text LM, got model.arch={base_cfg.model.arch!r}")
+    if base_cfg.model.arch in ("seq2seq", "pixelcnn", "gated_pixelcnn", "residual", "ralm"):
+        raise ValueError(f"the base LM must be a plain text LM, got model.arch={base_cfg.model.arch!r}")
     tok = load_tokenizer(base / "tokenizer")
     lm = build_model(base_cfg.model.arch, tok.vocab_size, d_model=base_cfg.model.d_model,
                      n_layers=base_cfg.model.n_layers, n_heads=base_cfg.model.n_heads, d_ff=base_cfg.model.d_ff,
@@ -232,7 +236,14 @@ def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
                      hidden=base_cfg.model.hidden, tie_embeddings=base_cfg.model.tie_embeddings,
                      hf_path=base_cfg.model.hf_path)
     load_model(lm, base / BEST_MODEL)
-    lm.eval()
+    return lm.eval(), tok
+
+
+def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
+    from seqebm.data.corpora import load_corpus
+    from seqebm.training.tasks_residual import ResidualTask
+
+    lm, tok = load_base_lm(cfg.model.base_run)
     r, d = cfg.data.residual, cfg.data
     corpus = load_corpus(d.corpus, cache_dir=d.cache_dir, seed=d.seed)
     rows = {"train": None, "valid": r.max_eval_rows, "test": r.max_eval_rows}
@@ -295,6 +306,14 @@ def build_model_for(cfg: ExperimentConfig, task: Any) -> nn.Module:
     m = cfg.model
     if m.arch == "residual":
         return _residual_model(cfg, task)
+    if m.arch == "ralm":
+        from seqebm.models.ralm import ResidualAutoregressiveLM
+
+        base, _ = load_base_lm(m.base_run)
+        res = build_model(m.residual_arch, task.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                          n_heads=m.n_heads, d_ff=m.d_ff, dropout=m.dropout,
+                          max_len=m.max_len or cfg.data.seq_len + 1, hidden=m.hidden, tie_embeddings=m.tie_embeddings)
+        return ResidualAutoregressiveLM(base, res)
     default_len = {"digits": 64, "translation": 256}.get(task.kind, cfg.data.seq_len + 1)
     if task.kind == "oracle":
         default_len = task.oracle.config.length + 1
