@@ -123,6 +123,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 #: a teacher-forcing continuation with the same budget is the control.
 DEMO_CONTINUE = ["train.max_steps=100", "train.eval_every=50", "train.checkpoint_every=50", "train.log_every=10",
                  "optim.lr=5e-4", "optim.warmup_steps=0", "optim.schedule=constant", "eval.num_samples=3"]
+#: A residual EBM (UniT) on top of the base LM, trained by conditional NCE on offline negatives.
+DEMO_RESIDUAL = ["model.arch=residual", "model.energy=unit", "objective.name=cnce", "data.residual.prefix_len=32",
+                 "data.residual.cont_len=16", "data.residual.num_negatives=4", "data.residual.max_train_rows=2048",
+                 "data.residual.max_eval_rows=128", "data.residual.bound_samples=32", "train.max_steps=60",
+                 "train.eval_every=30", "train.checkpoint_every=30", "optim.lr=3e-4", "optim.warmup_steps=10",
+                 "eval.num_samples=2"]
 DEMO_EFORCING = ["objective.name=eforcing", "objective.ef_lambda=0.1", "objective.ef_decay=0.95",
                  "objective.ef_num_steps=50"]
 
@@ -144,6 +150,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             cfg = load_config(ExperimentConfig, None, overrides + DEMO_CONTINUE + extra + cont[len(DEMO_CONTINUE):]
                               + args.overrides + [f"model.init_from={base}", f"name={base_cfg.name}-{name}"])
             results[label] = run_experiment(cfg, run_dir / name)
+        quick_res = ["train.max_steps=6", "train.eval_every=3", "data.residual.max_train_rows=256",
+                     "data.residual.max_eval_rows=16", "data.residual.bound_samples=8"] if args.quick else []
+        cfg = load_config(ExperimentConfig, None, overrides + DEMO_RESIDUAL + quick_res + args.overrides
+                          + [f"model.base_run={base}", f"name={base_cfg.name}-residual-unit"])
+        residual = run_experiment(cfg, run_dir / "residual")
     print("\n== seqebm demo ==")
     width = max(map(len, results))
     for label, r in results.items():
@@ -152,10 +163,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if len(results) > 1:
         print(f"(both continuations: {results['+ E-Forcing']['steps']} more steps from the base LM's best weights, "
               "same data and learning rate; E-Forcing seed Alg. 1)")
+    if not args.skip_eforcing:
+        t = residual["test"]
+        print(f"residual EBM (UniT, conditional NCE) on {int(t['bound_samples'])}-sample bounds, test windows of "
+              f"32 + 16 tokens: base LM continuation ppl {t['lm_ppl']:.2f}; joint model ppl in "
+              f"[{t['joint_ppl_lower']:.2f}, {t['joint_ppl_upper']:.2f}] (residual-EBM seed Thm. 2)")
     for i, s in enumerate(results["base LM (teacher forcing)"]["samples"], 1):
         print(f"sample {i}: {s[:300]}")
-    print(f"run folders: {run_dir}/{{base,teacher-forcing,eforcing}} (report.md, curves.png, metrics.jsonl, "
-          "model.safetensors)")
+    print(f"run folders: {run_dir}/{{base,teacher-forcing,eforcing,residual}} (report.md, curves.png, "
+          "metrics.jsonl, model.safetensors)")
     print(f"wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -202,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="train a small Transformer LM on wiki-mini and report (about 10 min on 2 cores)")
     m.add_argument("--run-dir")
     m.add_argument("--quick", action="store_true", help="a one-minute smoke version")
-    m.add_argument("--skip-eforcing", action="store_true", help="train the base LM only (no continuations)")
+    m.add_argument("--skip-eforcing", action="store_true",
+                   help="train the base LM only (no E-Forcing / teacher-forcing continuations, no residual EBM)")
     m.add_argument("overrides", nargs="*")
     m.set_defaults(func=cmd_demo)
     from seqebm.eval.analysis import register_analysis_commands

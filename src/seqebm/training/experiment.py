@@ -59,6 +59,7 @@ class ResidualDataConfig:
     top_k: int | None = None  # top-k of the LM samples (None: untruncated)
     bound_samples: int = 64  # LM samples per test prefix for the perplexity bounds
     max_eval_rows: int | None = 256  # windows of valid/test (the bounds cost bound_samples each)
+    max_train_rows: int | None = None  # cap on training windows (each costs num_negatives LM samples)
 
     def __post_init__(self) -> None:
         for name in ("prefix_len", "cont_len", "num_negatives", "bound_samples"):
@@ -246,7 +247,7 @@ def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
     lm, tok = load_base_lm(cfg.model.base_run)
     r, d = cfg.data.residual, cfg.data
     corpus = load_corpus(d.corpus, cache_dir=d.cache_dir, seed=d.seed)
-    rows = {"train": None, "valid": r.max_eval_rows, "test": r.max_eval_rows}
+    rows = {"train": r.max_train_rows, "valid": r.max_eval_rows, "test": r.max_eval_rows}
     if d.max_train_docs is not None:
         corpus.train = corpus.train[: d.max_train_docs]
     return ResidualTask(corpus, tok, lm, run_dir=run_dir, prefix_len=r.prefix_len, cont_len=r.cont_len,
