@@ -873,4 +873,7 @@ def register_analysis_commands(subparsers: Any) -> argparse.ArgumentParser:
                    help="BLEU column test.bleu_beam<k> (default: the runs' eval.beam_size, usually 5)")
     _add_output_args(t, "text_metrics")
     t.set_defaults(func=_cmd_text_metrics)
+    from seqebm.eval.residual_analysis import register_residual_commands
+
+    register_residual_commands(sub)  # residual EBM: bounds-vs-samples, unique-ngrams, ... (residual-EBM seed §4)
     return a

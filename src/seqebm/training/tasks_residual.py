@@ -146,8 +146,9 @@ class ResidualTask:
             chunk = rows[i:i + self.eval_batch_size]
             lp = model.lm_log_prob(chunk, prefix_len=1 + self.prefix_len)
             e = model.energy(chunk, torch.ones_like(chunk, dtype=torch.bool)).double()
+            # the bounds sample the untruncated LM (seed §3.2): top-k never covers P_LM's support
             lw = sample_log_weights(model, chunk[:, : 1 + self.prefix_len], num_samples=n,
-                                    max_new_tokens=self.cont_len, top_k=self.top_k, generator=g)
+                                    max_new_tokens=self.cont_len, generator=g)
             b = joint_log_prob_bounds(lp, e, lw)
             lower.append(b.lower)
             upper.append(b.upper)
