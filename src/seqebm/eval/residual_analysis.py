@@ -27,9 +27,10 @@ LM, energy weights and tokenizer) and the windows ``[BOS] + P + C`` of one split
   the key written to a separate file.
 
 On the command line these are ``seqebm analyze <command> --run RUN --out DIR``
-(:func:`register_residual_commands`). ``top_k`` of the LM samples defaults to the run's
-``data.residual.top_k`` (what its negatives and its ``results.json`` bounds used); 0 means the
-untruncated LM, the only proposal under which the bounds are of the joint model itself.
+(:func:`register_residual_commands`). ``--top-k`` of the LM samples defaults to the untruncated
+LM for the bound estimates (bounds-vs-samples, position-gain; as the run's ``results.json``),
+the only proposal under which they are bounds of the joint model itself, and to the run's
+``data.residual.top_k`` for generation (joint and LM samples); 0 means untruncated.
 Sampling is batched over ``batch_size`` prefixes at a time; the sampler encodes each prefix
 once and shares it among its samples.
 """
