@@ -288,8 +288,11 @@ class Trainer:
                         metrics["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
                         t_window, tok_window = now, 0.0
                         self._log({"split": "train", "step": step, "epoch": epoch, **metrics})
-                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", ppl=f"{metrics.get('ppl', float('nan')):.1f}",
-                                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+                        postfix = {"loss": f"{metrics['loss']:.3f}", "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                        for key, fmt in (("ppl", ".1f"), ("accuracy", ".3f")):
+                            if key in metrics:
+                                postfix[key] = format(metrics[key], fmt)
+                        bar.set_postfix(postfix)
                     bar.update(1)
                     if step % cfg.eval_every == 0 or step == cfg.max_steps:
                         self.run_evaluation()
