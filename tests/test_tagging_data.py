@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqebm.data import pos, tagging
+from seqebm.data import pos
 from seqebm.data.tagging import (
     CASE_CLASSES,
     POS_FILES,

@@ -22,29 +22,20 @@ Notation: B sentences in a chunk, T target positions, S source length, V vocabul
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
-import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
 
-from seqebm.config import deep_merge, read_yaml, to_dict
-from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
-from seqebm.io import atomic_write_bytes
 
-from seqebm.eval.run_tables import (Analysis, MeanStd, RunGroup, RunInfo, SEED_LIKE_KEYS, _MISSING, _document,
-    _flatten, _group_notes, _json_float, _lookup_or_missing, _number, _show, _sort_key, _stat_json, format_mean_std,
-    group_runs, load_runs, lookup, markdown_table, mean_std, task_kind, write_analysis)
-from seqebm.eval.exposure_bias import (_load_translation_run, _tokenizer_files, exposure_bias, greedy_decode_ids,
-    reference_log_probs)
+from seqebm.eval.run_tables import (Analysis, MeanStd, RunInfo, _MISSING, _document, _group_notes, _json_float,
+                                    _lookup_or_missing, _number, _show, _stat_json, format_mean_std, group_runs,
+                                    load_runs, lookup, markdown_table, mean_std, write_analysis)
+from seqebm.eval.exposure_bias import exposure_bias, greedy_decode_ids, reference_log_probs
 
 __all__ = [
     "Analysis", "MeanStd", "RunInfo", "exposure_bias", "format_mean_std", "greedy_decode_ids", "group_runs",

@@ -38,19 +38,17 @@ once and shares it among its samples.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from seqebm.estimators.nowozin import log_partition_bounds
-from seqebm.estimators.residual import perplexity_bounds, position_log_prob, sample_log_weights
+from seqebm.estimators.residual import sample_log_weights
 from seqebm.eval.analysis import (
     Analysis,
     _add_output_args,
@@ -62,9 +60,10 @@ from seqebm.eval.analysis import (
     mean_std,
     write_analysis,
 )
-from seqebm.eval.residual_metrics import (_STREAM, _check_count, _chunks, _energy, _fmt, _generator, _png, _ppl,
-    _pyplot, _truncation_note, ab_pairs, bound_inputs, draw_continuations, per_text_unique_ngrams,
-    perplexity_by_num_samples, position_log_probs, position_perplexities)
+from seqebm.eval.residual_metrics import (_check_count, _chunks, _energy, _fmt, _generator, _png, _ppl, _pyplot,
+                                          _truncation_note, ab_pairs, bound_inputs, draw_continuations,
+                                          per_text_unique_ngrams, perplexity_by_num_samples, position_log_probs,
+                                          position_perplexities)
 from seqebm.io import atomic_write_bytes
 
 __all__ = [
@@ -442,8 +441,8 @@ def ab_export(run: str | Path, *, a: str = "joint", b: str = "lm", split: str = 
     identical = sum(ta == tb for ta, tb in zip(texts[a], texts[b]))
     table = markdown_table(["items", "system A", "system B", "A shown first", "B shown first", "identical texts"],
                            [[n, a, b, a_first, n - a_first, identical]])
-    notes = [f"pairs.jsonl holds id, prefix, text_1, text_2 for the raters; key.jsonl maps each id to the systems "
-             f"behind text_1 and text_2: do not show it to the raters",
+    notes = ["pairs.jsonl holds id, prefix, text_1, text_2 for the raters; key.jsonl maps each id to the systems "
+             "behind text_1 and text_2: do not show it to the raters",
              f"order shuffled with random.Random({seed}), balanced between the two sides",
              f"samples: top-k {k if k is not None else 'none (untruncated)'}"
              + (f"; joint: Alg. 1 over {num_candidates} LM samples (mean ESS {float(ess['joint'].mean()):.2f})"

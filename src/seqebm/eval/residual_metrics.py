@@ -4,13 +4,10 @@ and the batched sampling/scoring they need (residual-EBM seed §3.2–4)."""
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,18 +15,6 @@ from torch import Tensor, nn
 
 from seqebm.estimators.nowozin import log_partition_bounds
 from seqebm.estimators.residual import perplexity_bounds, position_log_prob, sample_log_weights
-from seqebm.eval.analysis import (
-    Analysis,
-    _add_output_args,
-    _document,
-    _emit,
-    _json_float,
-    load_runs,
-    markdown_table,
-    mean_std,
-    write_analysis,
-)
-from seqebm.io import atomic_write_bytes
 
 _STREAM = {"lm": 1, "joint": 2, "bounds": 3, "positions": 4, "log_z": 5}
 

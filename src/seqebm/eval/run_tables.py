@@ -4,23 +4,15 @@ and atomic Markdown/JSON/PNG outputs (shared by :mod:`seqebm.eval.analysis` and
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
 import json
 import math
-import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
 
 from seqebm.config import deep_merge, read_yaml, to_dict
-from seqebm.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from seqebm.io import atomic_write_bytes
 
 #: config keys that may differ between the seeds of one group without a note
