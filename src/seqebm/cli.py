@@ -188,7 +188,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if args.action == "train":
         if args.resume and not args.run_dir:
             raise ValueError("--resume needs --run-dir")
-        cfg = load_config(TaggingConfig, args.config, args.overrides)
+        if args.resume and not (Path(args.run_dir) / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: no config.yaml in {args.run_dir}")
+        source = Path(args.run_dir) / "config.yaml" if args.resume else args.config
+        cfg = load_config(TaggingConfig, source, args.overrides)
         run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         res = run_tagging(cfg, run_dir, resume=args.resume)
         t = res["test"]

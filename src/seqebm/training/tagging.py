@@ -219,9 +219,11 @@ def _build_model(cfg: TaggingConfig, encoder_vocab: TagEncoder | None, hf: HFWor
                         potentials=m.potentials, dropout=min(m.dropout, 0.3), **constraints)
 
 
-def build_tagging_run(cfg: TaggingConfig, run_dir: Path | None, *, progress: bool = True):
+def build_tagging_run(cfg: TaggingConfig, run_dir: Path | None, *, progress: bool = True,
+                      corpus: TaggedCorpus | None = None):
     """Corpus, vocabularies (saved to / loaded from ``run_dir/vocab.json``), task and model."""
-    corpus = load_tagging_corpus(cfg.data, progress=progress)
+    if corpus is None:
+        corpus = load_tagging_corpus(cfg.data, progress=progress)
     hf = None
     if cfg.model.encoder == "hf":
         hf = HFWordEncoder(cfg.model.hf_path, freeze=cfg.model.hf_freeze, dropout=min(cfg.model.dropout, 0.1))
@@ -250,11 +252,12 @@ def run_tagging(cfg: TaggingConfig, run_dir: str | Path, *, resume: bool = False
     dist_info = init_distributed(device)
     if dist_info.enabled:
         raise ValueError("seqebm tag train runs on one process (the taggers are small); launch it without torchrun")
+    t0 = time.perf_counter()
+    corpus = load_tagging_corpus(cfg.data, progress=cfg.train.progress)  # bad data fails before the folder exists
     prepare_run_dir(run_dir, resume)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
-    t0 = time.perf_counter()
-    task, model = build_tagging_run(cfg, run_dir, progress=cfg.train.progress)
+    task, model = build_tagging_run(cfg, run_dir, corpus=corpus)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[seqebm] {cfg.name}: {cfg.data.corpus} tagging, {task.num_tags} tags, model={cfg.model.kind} "
         f"({cfg.model.encoder}) params={n_params / 1e6:.2f}M train_batches/epoch={task.train_source.num_batches()}")
