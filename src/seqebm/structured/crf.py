@@ -505,18 +505,20 @@ class LinearChainCRF(nn.Module):
         trans_t = trans.t().contiguous()                                    # [j, i]
         ems = emissions.unbind(1)
         a = start + ems[0]                                                  # (B, K)
-        alphas, hist = [a], []
-        for t in range(1, T):  # runs past a row's end; its last real alpha is picked below
-            best, idx = (a.unsqueeze(1) + trans_t).max(2)                    # (B, K): best previous tag
-            a = best + ems[t]
-            alphas.append(a)
-            hist.append(idx)
+        hist = []
         lengths = mask.sum(1)
-        last = torch.stack(alphas, 1).gather(1, (lengths - 1).view(B, 1, 1).expand(B, 1, K)).squeeze(1)
-        scores, best_last = (last + end).max(-1)                             # (B,)
+        first_end = int(lengths.min())
+        for t in range(1, T):  # runs past a row's end (garbage history there, skipped when backtracking)
+            best, idx = (a.unsqueeze(1) + trans_t).max(2)                    # (B, K): best previous tag
+            if t < first_end:
+                a = best + ems[t]
+            else:  # rows that have ended keep their last real alpha
+                a = torch.where(mask[:, t:t + 1], best + ems[t], a)
+            hist.append(idx)
+        scores, best_last = (a + end).max(-1)                                # (B,)
         best_last = best_last.unsqueeze(1)
         starts = (lengths - 1).unsqueeze(1)                                  # (B, 1): backtracking starts here
-        first_start = int(lengths.min()) - 1
+        first_start = first_end - 1
         cur = best_last
         out = [cur]
         for t in range(T - 1, 0, -1):
