@@ -414,13 +414,13 @@ def test_rnnt_is_locally_normalised_and_token_loss_is_exact_nll():
     orcs = oracles(model, f, batch.mask)
     golds = [tuple(batch.tags[b, :o.L].tolist()) for b, o in enumerate(orcs)]
     ref = -torch.stack([o.u[g] for o, g in zip(orcs, golds)]).sum() / TOKENS
-    assert all(abs(float(o.log_z(lambda y: True))) < 1e-12 for o in orcs)  # the oracle normalises too
+    assert all(abs(o.log_z(lambda y: True).item()) < 1e-12 for o in orcs)  # the oracle normalises too
     want = torch.autograd.grad(ref, params, retain_graph=True)
     assert out.loss.item() == pytest.approx(ref.item(), abs=1e-5)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=name)
     eps = 0.2
-    smooth = sum((1 - eps) * -float(o.s[y[:i]][y[i]]) + eps * float(-o.s[y[:i]].mean())
+    smooth = sum((1 - eps) * -o.s[y[:i]][y[i]].item() + eps * -o.s[y[:i]].mean().item()
                  for o, y in zip(orcs, golds) for i in range(len(y))) / TOKENS
     assert TokenTaggingLoss(label_smoothing=eps)(model, batch).loss.item() == pytest.approx(smooth, abs=1e-5)
 
