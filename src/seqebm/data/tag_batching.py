@@ -157,7 +157,7 @@ class TagEncoder:
 
     def save(self, path: str | Path) -> None:
         data = {"words": self.words.to_dict(), "chars": self.chars.to_dict(), "tags": self.tags.to_dict(),
-                "max_word_chars": self.max_word_chars}
+                "max_word_chars": self.max_word_chars, "hf_max_length": self.hf_max_length}
         atomic_write_text(Path(path), json.dumps(data))
 
     @classmethod
@@ -165,20 +165,22 @@ class TagEncoder:
         data = json.loads(Path(path).read_text())
         return cls(WordVocabulary.from_dict(data["words"]), WordVocabulary.from_dict(data["chars"]),
                    TagVocabulary.from_dict(data["tags"]), max_word_chars=int(data["max_word_chars"]),
-                   hf_tokenizer=hf_tokenizer)
+                   hf_tokenizer=hf_tokenizer, hf_max_length=int(data.get("hf_max_length", 256)))
 
 
 class TagBatchSource:
     """Shuffled batches of ``batch_size`` sentences; ``batch(epoch, i)`` depends on (seed, epoch, i) only.
 
-    Sentences of similar length are batched together (sorted inside windows of 50 batches after
-    the epoch's shuffle), which cuts padding without making batches deterministic across epochs.
+    Sentences of similar length are batched together (sorted by length inside windows of ``bucket``
+    batches of the epoch's shuffle), which cuts padding; the batches change from epoch to epoch as
+    long as the corpus is larger than one window (with a single window, the same sentences meet
+    every epoch, in a new order: pass ``bucket=1`` for fully random batches).
     """
 
     def __init__(self, sentences: Sequence[Sentence], encoder: TagEncoder, batch_size: int, *, seed: int = 0,
                  bucket: int = 50) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or bucket < 1:
+            raise ValueError(f"batch_size and bucket must be >= 1, got {batch_size}, {bucket}")
         if len(sentences) < batch_size:
             raise ValueError(f"only {len(sentences)} training sentences: fewer than one batch of {batch_size}")
         self.sentences, self.encoder, self.batch_size = list(sentences), encoder, batch_size
@@ -203,6 +205,8 @@ class TagBatchSource:
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> TagBatch:
+        if not 0 <= index < self.num_batches():
+            raise IndexError(f"batch index {index} out of range: an epoch has {self.num_batches()} batches")
         order = self._epoch_order(epoch)
         ids = order[index * self.batch_size:(index + 1) * self.batch_size]
         return self.encoder.encode([self.sentences[i] for i in ids])

@@ -194,7 +194,10 @@ class LabelPredictor(nn.Module):
         self.proj = nn.Linear(hidden, num_tags)
 
     def shift(self, labels: Tensor) -> Tensor:
-        """(B, T) labels -> (B, T) inputs [<bos>, y_1, ..., y_{T-1}] (negative ids read as <bos>)."""
+        """(B, T) labels -> (B, T) inputs [<bos>, y_1, ..., y_{T-1}].
+
+        Negative ids (padding) are read as label 0; they only ever follow the scored positions.
+        """
         prev = labels.new_full(labels.shape, self.bos)
         prev[:, 1:] = labels[:, :-1].clamp_min(0)
         return prev

@@ -35,6 +35,22 @@ def _finish(nll: Tensor, batch: Any) -> ObjectiveOutput:
                            {"nll_sum": nll.detach().sum(), "tokens": tokens.to(nll.dtype)})
 
 
+def _check_gold(net: nn.Module, tags: Tensor, mask: Tensor) -> None:
+    """Gold tags must be valid ids and satisfy the model's constraints (else the NLL is infinite)."""
+    real = tags[mask]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= net.num_tags):
+        raise ValueError(f"gold tag ids must be in 0..{net.num_tags - 1}, got {int(real.min())}..{int(real.max())}")
+    allowed, start = getattr(net, "allowed", None), getattr(net, "start_allowed", None)
+    if start is not None and not bool(start[tags[:, 0].clamp_min(0)].all()):
+        raise ValueError("a gold tag sequence starts with a tag that start_allowed forbids")
+    if allowed is not None and tags.shape[1] > 1:
+        ok = allowed[tags[:, :-1].clamp_min(0), tags[:, 1:].clamp_min(0)] | ~mask[:, 1:]
+        if not bool(ok.all()):
+            b, i = (~ok).nonzero()[0].tolist()
+            raise ValueError(f"gold tag sequence {b} violates the constraints: tag {int(tags[b, i + 1])} may not "
+                             f"follow tag {int(tags[b, i])} (position {i + 1})")
+
+
 class TokenTaggingLoss(nn.Module):
     """sum_i -log p(y*_i | x, ...) from ``model(batch)`` logits (B, T, K) (softmax tagger, RNN-T labeller)."""
 
@@ -46,7 +62,8 @@ class TokenTaggingLoss(nn.Module):
 
     def forward(self, model: nn.Module, batch: Any, step: int = 0) -> ObjectiveOutput:
         logits = model(batch).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), batch.tags, reduction="none",
+        tags = batch.tags.masked_fill(~batch.mask, 0)  # padding may hold any id (e.g. -1)
+        nll = F.cross_entropy(logits.transpose(1, 2), tags, reduction="none",
                               label_smoothing=self.label_smoothing).masked_fill(~batch.mask, 0.0)
         return _finish(nll.sum(1), batch)
 
@@ -90,6 +107,7 @@ class CRFTransducerLoss(nn.Module):
 
     def forward(self, model: nn.Module, batch: Any, step: int = 0) -> ObjectiveOutput:
         net = unwrap(model)
+        _check_gold(net, batch.tags, batch.mask)
         f = net.transcribe(batch)  # (B, T, K)
         if self.method == "exact":
             nll = self.exact_nll(net, f, batch.tags, batch.mask)

@@ -62,6 +62,15 @@ def _constraint_mask(model: Any, prev: Tensor, first: bool) -> Tensor | None:
     return None if allowed is None else allowed[prev.clamp_min(0)]
 
 
+def _check_mask(mask: Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    if not bool(mask[:, 0].all()):
+        raise ValueError("every row needs at least one position (mask[:, 0] must be True)")
+    if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("mask has a hole: masks must be left-aligned (True then False in every row)")
+
+
 @torch.no_grad()
 def transducer_beam_search(model: Any, f: Tensor, mask: Tensor, *, beam_size: int = 8,
                            oracle: Tensor | None = None) -> BeamResult:
@@ -81,8 +90,7 @@ def transducer_beam_search(model: Any, f: Tensor, mask: Tensor, *, beam_size: in
         raise ValueError(f"f must be (B, T, K) and mask (B, T), got {tuple(f.shape)} and {tuple(mask.shape)}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not bool(mask[:, 0].all()):
-        raise ValueError("every row needs at least one position (mask[:, 0] must be True)")
+    _check_mask(mask)
     B, T, K = f.shape
     W, dev = beam_size, f.device
     lengths = mask.sum(1)
@@ -148,8 +156,11 @@ def transducer_sample(model: Any, f: Tensor, mask: Tensor, num_samples: int, *,
 
     For the RNN-T labeller q is the model itself; for a CRF transducer it is the locally
     normalised version of its potentials (the importance-sampling proposal of the Monte Carlo
-    loss). Returns labels (B, S, T) (-1 at padding) and log q (B, S); no gradient flows.
+    loss). With constraints (``allowed``/``start_allowed``) every step renormalises over the
+    allowed labels, so q is the model restricted to D_T and log q is that distribution's.
+    Returns labels (B, S, T) (-1 at padding) and log q (B, S); no gradient flows.
     """
+    _check_mask(mask)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, T, K = f.shape
