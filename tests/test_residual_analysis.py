@@ -309,3 +309,27 @@ def test_residual_commands_validate_inputs(runs, tmp_path, capsys):
     assert "max_rows must be a positive int" in capsys.readouterr().err
     assert main(["analyze", "unique-ngrams", "--run", str(tmp_path / "nope"), "--out", out]) == 2
     assert "run folder not found" in capsys.readouterr().err
+
+
+def test_window_ppl_scores_lms_on_the_residual_windows(runs, tmp_path, capsys):
+    """The base LM scored by window-ppl reproduces the residual run's own lm_ppl (same windows, same
+    conditioning), an LM run with another tokenizer is refused, and the joint bounds are listed."""
+    base, res = runs
+    out = tmp_path / "w"
+    assert main(["analyze", "window-ppl", "--run", str(res), "--lm", str(base), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    data = _json(out / "window_ppl.json")
+    lm_ppl = _json(res / "results.json")["test"]["lm_ppl"]
+    by = {e["system"]: e for e in data["entries"]}
+    assert by["base LM"]["ppl"] == pytest.approx(lm_ppl, rel=1e-5)
+    assert by["base"]["ppl"] == pytest.approx(lm_ppl, rel=1e-5)  # the same run, given as --lm
+    joint = by["joint (UniT)"]
+    assert joint["ppl_lower"] <= joint["ppl_upper"] and data["cont_len"] == CONT
+    other = tmp_path / "other"
+    other_tok = other / "tokenizer"
+    other_tok.mkdir(parents=True)
+    (other_tok / "tokenizer.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["analyze", "window-ppl", "--run", str(res), "--lm", str(other), "--out", str(tmp_path / "w2"),
+                 "--device", "cpu"]) == 2
+    assert "different tokenizer" in capsys.readouterr().err

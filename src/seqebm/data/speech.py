@@ -663,7 +663,7 @@ def build_speech_mini(
             sf.write(str(tmp / rel), audio, SPEECH_SAMPLE_RATE, format="FLAC", subtype="PCM_16")
             utterances[plan.split].append(Utterance(
                 id=plan.id, audio=tmp / rel, text=plan.text, voice=plan.voice,
-                duration=round(audio.size / SPEECH_SAMPLE_RATE, 4), kind=plan.kind,
+                duration=audio.size / SPEECH_SAMPLE_RATE, kind=plan.kind,
                 extra={"rate": plan.rate, "pitch": plan.pitch, "snr_db": plan.snr_db},
             ))
         for split, utts in utterances.items():

@@ -533,8 +533,11 @@ def _add_common_args(p: argparse.ArgumentParser, default_name: str, decimals: in
 
 
 def register_residual_commands(subparsers: Any) -> None:
-    """Add bounds-vs-samples, unique-ngrams, log-prob-density, position-gain and ab-export to
+    """Add bounds-vs-samples, unique-ngrams, log-prob-density, position-gain, ab-export and window-ppl to
     ``seqebm analyze`` (``subparsers``: the analyze parser's ``add_subparsers`` object)."""
+    from seqebm.eval.residual_baselines import register_window_ppl_command
+
+    register_window_ppl_command(subparsers)
     multi = {"action": "extend", "nargs": "+", "default": None}
 
     b = subparsers.add_parser("bounds-vs-samples", help="residual EBM: joint perplexity bounds vs number of LM "
