@@ -61,17 +61,20 @@ def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2]}
 
 
-TAGGING_PREFIXES = ("pos-", "truecase-")  # `seqebm tag` recipes (TaggingConfig); the rest are `seqebm train`
+TAGGING_PREFIXES = ("pos-", "truecase-")  # `seqebm tag` recipes (TaggingConfig)
+ASR_PREFIXES = ("asr-",)  # `seqebm asr` recipes (AsrConfig); the rest are `seqebm train` (ExperimentConfig)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
+    from seqebm.training.asr import AsrConfig
     from seqebm.training.tagging import TaggingConfig
 
-    cls = TaggingConfig if path.name.startswith(TAGGING_PREFIXES) else ExperimentConfig
+    cls = (TaggingConfig if path.name.startswith(TAGGING_PREFIXES) else AsrConfig
+           if path.name.startswith(ASR_PREFIXES) else ExperimentConfig)
     cfg = load_config(cls, path)
     assert cfg.name != cls().name  # each recipe names its runs
-    if cls is TaggingConfig:  # compare tables are keyed by the file stem: keep name and file in step
+    if cls is not ExperimentConfig:  # compare tables are keyed by the file stem: keep name and file in step
         assert cfg.name == path.stem
 
 

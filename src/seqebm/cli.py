@@ -207,6 +207,29 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asr(args: argparse.Namespace) -> int:
+    from seqebm.training.asr import AsrConfig, compare_asr, run_asr, transcribe_files
+
+    if args.action == "train":
+        if args.resume and not (args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()):
+            raise FileNotFoundError(f"cannot resume: no config.yaml in {args.run_dir}")
+        source = Path(args.run_dir) / "config.yaml" if args.resume else args.config
+        cfg = load_config(AsrConfig, source, args.overrides)
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        res = run_asr(cfg, run_dir, resume=args.resume)
+        for split in ("dev", "test", "test_unseen"):
+            if split in res:
+                print(f"{split}: CER {100 * res[split]['cer']:.2f}% WER {100 * res[split]['wer']:.2f}%")
+        print(f"[seqebm] run folder: {run_dir} (n-best lists in {run_dir / 'nbest'})")
+        return 0
+    if args.action == "compare":
+        compare_asr(args.configs, args.seeds, args.fractions, args.out, overrides=args.overrides)
+        return 0
+    for path, text in zip(args.files, transcribe_files(args.run_dir, args.files, beam_size=args.beam_size)):
+        print(f"{path}\t{text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqebm", description="Energy-based sequence modeling.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -266,6 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--beam-size", type=int, default=None, help="decoding beam (default: the run's eval.beam_size)")
     for q in (gt, gc, gp):
         q.set_defaults(func=cmd_tag)
+
+    a = sub.add_parser("asr", help="speech recognition: CTC, CTC-CRF, RNN-T on speech-mini or your manifests")
+    asub = a.add_subparsers(dest="action", required=True)
+    at = asub.add_parser("train", help="train one recogniser (configs/asr-*.yaml)")
+    at.add_argument("--config")
+    at.add_argument("--run-dir")
+    at.add_argument("--resume", action="store_true")
+    at.add_argument("overrides", nargs="*")
+    ac = asub.add_parser("compare", help="configs x training fractions x seeds; mean ± std CER/WER table")
+    ac.add_argument("--configs", nargs="+", required=True)
+    ac.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ac.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
+    ac.add_argument("--out", required=True)
+    ac.add_argument("overrides", nargs="*")
+    ar = asub.add_parser("transcribe", help="transcribe 16 kHz audio files with a trained run")
+    ar.add_argument("--run-dir", required=True)
+    ar.add_argument("--beam-size", type=int, default=None)
+    ar.add_argument("files", nargs="+")
+    for q in (at, ac, ar):
+        q.set_defaults(func=cmd_asr)
 
     m = sub.add_parser("demo", help="a small Transformer LM on wiki-mini, continued with E-Forcing, plus a residual "
                                     "EBM (about 15 min on 2 cores)")

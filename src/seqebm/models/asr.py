@@ -121,15 +121,24 @@ class AcousticEncoder(nn.Module):
         return self.drop(x).masked_fill(~mask.unsqueeze(-1), 0.0), out_lengths
 
 
-class CTCAcousticModel(nn.Module):
-    """Frame log-probabilities log p(pi_t | x) (B, T, C) for CTC and CTC-CRF."""
+def _augment(module: nn.Module | None, training: bool, features: Tensor, lengths: Tensor) -> Tensor:
+    return module(features, lengths) if module is not None and training else features
 
-    def __init__(self, encoder: AcousticEncoder, num_symbols: int) -> None:
+
+class CTCAcousticModel(nn.Module):
+    """Frame log-probabilities log p(pi_t | x) (B, T, C) for CTC and CTC-CRF.
+
+    ``augment``: an optional module ``(features, lengths) -> features`` applied in training mode
+    only (e.g. :class:`seqebm.data.features.SpecAugment`).
+    """
+
+    def __init__(self, encoder: AcousticEncoder, num_symbols: int, *, augment: nn.Module | None = None) -> None:
         super().__init__()
-        self.encoder, self.num_symbols = encoder, num_symbols
+        self.encoder, self.num_symbols, self.augment = encoder, num_symbols, augment
         self.out = nn.Linear(encoder.out_dim, num_symbols)
 
     def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        features = _augment(self.augment, self.training, features, lengths)
         h, out_lengths = self.encoder(features, lengths)
         return self.out(h).float().log_softmax(-1), out_lengths
 
@@ -141,9 +150,9 @@ class RNNTAcousticModel(nn.Module):
     """
 
     def __init__(self, encoder: AcousticEncoder, num_symbols: int, *, pred_dim: int = 256, joint_dim: int = 256,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, augment: nn.Module | None = None) -> None:
         super().__init__()
-        self.encoder, self.num_symbols = encoder, num_symbols
+        self.encoder, self.num_symbols, self.augment = encoder, num_symbols, augment
         self.embed = nn.Embedding(num_symbols, pred_dim)  # id 0 (blank) doubles as the start symbol
         self.pred = nn.LSTM(pred_dim, pred_dim, batch_first=True)
         self.f_proj = nn.Linear(encoder.out_dim, joint_dim)
@@ -162,6 +171,7 @@ class RNNTAcousticModel(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Joint log-probs (B, T, U + 1, C) for padded targets (B, U), and the encoder lengths."""
+        features = _augment(self.augment, self.training, features, lengths)
         f, out_lengths = self.encoder(features, lengths)
         start = targets.new_zeros(targets.shape[0], 1)
         g, _ = self.predict(torch.cat([start, targets.clamp_min(0)], 1))  # (B, U+1, P)
