@@ -261,3 +261,26 @@ def test_narrow_beam_and_greedy_decoding():
         ctc_prefix_beam_search(lp)
     with pytest.raises(ValueError, match="beam_size and nbest must be >= 1"):
         ctc_prefix_beam_search(lp[0], beam_size=0)
+
+
+def test_model_scorer_restricts_and_renormalises_an_autoregressive_lm():
+    """ModelScorer(prefix) = log softmax over [</s>, labels] of the LM's logits after BOS + prefix tokens,
+    which equals the full forward pass's logits at that position; fusing it changes the ranking."""
+    from seqebm.models.rnn import RNNLM
+    from seqebm.structured.ctc_decode import ModelScorer
+
+    torch.manual_seed(0)
+    lm = RNNLM(8, d_model=8, hidden=8, n_layers=1, cell="lstm").eval()
+    label_tokens = [5, 6, 7]  # labels 1, 2, 3 -> tokens 5, 6, 7; </s> = token 2, BOS = token 1
+    scorer = ModelScorer(lm, label_tokens, bos_id=1, eos_id=2)
+    prefix = (3, 1)
+    with torch.no_grad():
+        logits = lm(torch.tensor([[1, 7, 5]]))[0, -1]
+    expected = torch.log_softmax(logits[[2, 5, 6, 7]], -1)
+    torch.testing.assert_close(torch.tensor(scorer(prefix)), expected, rtol=0, atol=1e-5)
+    assert math.isclose(sum(math.exp(x) for x in scorer(())), 1.0, rel_tol=1e-6)
+    lp = frames(1, 4, 4, seed=9)[0]
+    plain = ctc_prefix_beam_search(lp, beam_size=10_000, nbest=1)[0]
+    fused = ctc_prefix_beam_search(lp, beam_size=10_000, nbest=1, lm=scorer, lm_weight=1.0)[0]
+    assert fused.lm != 0.0 and fused.score == pytest.approx(fused.acoustic + fused.lm, abs=1e-9)
+    assert plain.lm == 0.0

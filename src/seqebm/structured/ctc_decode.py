@@ -26,7 +26,7 @@ from torch import Tensor
 
 from seqebm.structured.label_ngram import LabelNGram
 
-__all__ = ["Hypothesis", "ctc_greedy_decode", "ctc_prefix_beam_search", "NGramScorer", "collapse"]
+__all__ = ["Hypothesis", "ctc_greedy_decode", "ctc_prefix_beam_search", "NGramScorer", "ModelScorer", "collapse"]
 
 #: An LM scorer: ``scorer(prefix)`` -> log p(next | prefix) over ``[</s>, 1, ..., V]`` (length V + 1).
 LMScorer = Callable[[tuple[int, ...]], Sequence[float]]
@@ -87,6 +87,46 @@ class NGramScorer:
             out = [math.log(self.lm.prob(k, key)) for k in range(self.lm.num_labels + 1)]
             self._cache[key] = out
         return out
+
+
+class ModelScorer:
+    """Any seqebm autoregressive model (the ``init_state``/``step`` protocol) as an LM scorer.
+
+    Args:
+        model: the LM (eval mode); its states are cached per label prefix.
+        label_tokens: ``label_tokens[k - 1]`` = the model's token id of label k (e.g. the character
+            ids of the speech units in a char-level tokenizer).
+        bos_id, eos_id: the model's begin and end tokens (``eos_id`` scores ``</s>``).
+
+    The next-label distribution is the model's next-token distribution restricted to the label
+    tokens and ``</s>`` and renormalised over them.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_tokens: Sequence[int], *, bos_id: int, eos_id: int) -> None:
+        self.model, self.bos_id = model, bos_id
+        self.index = torch.tensor([eos_id, *label_tokens], dtype=torch.long)
+        self._cache: dict[tuple[int, ...], tuple[list[float], object]] = {}
+
+    @torch.no_grad()
+    def _entry(self, prefix: tuple[int, ...]) -> tuple[list[float], object]:
+        hit = self._cache.get(prefix)
+        if hit is not None:
+            return hit
+        device = next(self.model.parameters()).device
+        if prefix:
+            _, state = self._entry(prefix[:-1])
+            token = int(self.index[prefix[-1]])
+        else:
+            state = self.model.init_state(1, device)
+            token = self.bos_id
+        logits, state = self.model.step(torch.tensor([[token]], device=device), state)
+        scores = logits[0, -1].float().log_softmax(-1).cpu()[self.index]
+        out = (torch.log_softmax(scores, -1).tolist(), state)
+        self._cache[prefix] = out
+        return out
+
+    def __call__(self, prefix: tuple[int, ...]) -> list[float]:
+        return self._entry(tuple(prefix))[0]
 
 
 def ctc_prefix_beam_search(log_probs: Tensor, *, beam_size: int = 8, nbest: int = 1,
