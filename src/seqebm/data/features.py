@@ -257,7 +257,9 @@ class SpecAugment(nn.Module):
         return features.masked_fill(masked, self.mask_value)
 
 
-def pad_waveforms(waveforms: Sequence[np.ndarray | Tensor], *, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def pad_waveforms(
+    waveforms: Sequence[np.ndarray | Tensor], *, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Stack 1-D waveforms into a zero-padded ``(B, S_max)`` tensor plus their lengths ``(B,)``."""
     if len(waveforms) == 0:
         raise ValueError("pad_waveforms needs at least one waveform")

@@ -1,4 +1,4 @@
-"""Speech data: the built-in ``speech-mini`` corpus (eSpeak NG) and users' own manifests.
+"""Speech data: the built-in ``speech-mini`` corpus (eSpeak NG), and the speech data API in one place.
 
 **speech-mini** (:func:`build_speech_mini`, built on first use, then cached): a few thousand short
 English utterances synthesized with eSpeak NG (:mod:`seqebm.data.espeak`), resampled to 16 kHz
@@ -20,15 +20,14 @@ letters, apostrophe, space):
 Everything is drawn from ``seed`` (per utterance ``numpy.random.default_rng([seed, split, i])``), and
 eSpeak NG is deterministic per call, so a rebuild gives identical manifests and audio.
 
-**Manifests** (JSON lines, one utterance each)::
+The pieces speech-mini is made of live in their own modules, and their public names are re-exported
+here (``from seqebm.data.speech import SPEECH_UNITS, load_manifest, read_audio`` keeps working):
 
-    {"id": "train-00000", "audio": "audio/train/train-00000.flac", "text": "four seven zero one",
-     "voice": "en-us+m3", "duration": 2.0113, "kind": "digits", "rate": 163, "pitch": 41, "snr_db": 27.4}
-
-``audio`` is relative to the manifest's folder (or absolute); ``text`` must be in the unit set;
-``id``, ``voice``, ``duration``, ``kind`` are optional, other keys are kept in ``Utterance.extra``.
-Users' own data: the same format with WAV/FLAC files, read by :func:`load_manifest` and
-:func:`read_audio` (``soundfile``).
+* :mod:`seqebm.data.transcripts`: the unit set :data:`SPEECH_UNITS`, :func:`normalize_transcript`,
+  :func:`validate_transcript`, :func:`number_to_words`, :func:`digits_to_words`;
+* :mod:`seqebm.data.manifests`: the JSONL manifest format (speech-mini's and users' own data),
+  :class:`Utterance`, :func:`load_manifest`, :func:`write_manifest`, :func:`read_audio`,
+  :data:`SPEECH_SAMPLE_RATE`.
 """
 
 from __future__ import annotations
@@ -39,25 +38,31 @@ import math
 import os
 import re
 import shutil
-import string
 import sys
 import tempfile
 import time
-import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from seqebm.data.corpora import default_cache_dir
+from seqebm.data.manifests import (SPEECH_SAMPLE_RATE, Utterance, _resample, load_manifest, read_audio,
+                                   write_manifest)
+from seqebm.data.transcripts import (SPEECH_UNITS, digits_to_words, normalize_transcript, number_to_words,
+                                     validate_transcript)
 
 __all__ = [
     "SPEECH_UNITS",
     "SPEECH_SPLITS",
     "SPEECH_SAMPLE_RATE",
+    "SPEECH_MINI_SETTINGS",
+    "TRAIN_ACCENTS",
+    "TRAIN_VARIANTS",
+    "UNSEEN_ACCENTS",
+    "UNSEEN_VARIANTS",
     "TRAIN_VOICES",
     "UNSEEN_VOICES",
     "Utterance",
@@ -73,11 +78,7 @@ __all__ = [
     "speech_mini_summary",
 ]
 
-#: Transcript units: space, apostrophe and the 26 lower-case letters (index = unit id).
-SPEECH_UNITS: tuple[str, ...] = (" ", "'", *string.ascii_lowercase)
-_UNIT_SET = frozenset(SPEECH_UNITS)
 SPEECH_SPLITS: tuple[str, str, str, str] = ("train", "dev", "test", "test_unseen")
-SPEECH_SAMPLE_RATE = 16000
 
 #: Accents (eSpeak NG language voices) and voice variants of the seen voices.
 TRAIN_ACCENTS: tuple[str, ...] = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-gb-x-gbclan")
@@ -104,333 +105,6 @@ SPEECH_MINI_SETTINGS: dict[str, Any] = {
     "silence_s": [0.05, 0.25],
     "wiki_seed": 0,
 }
-
-# --------------------------------------------------------------------------- transcripts
-
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_SCALES = ((10**9, "billion"), (10**6, "million"), (1000, "thousand"))
-_ORDINAL_IRREGULAR = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-                      "nine": "ninth", "twelve": "twelfth"}
-_LETTER_MAP = {"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i"}
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
-_NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:(\.\d+)|(st|nd|rd|th))?(?![\w])")
-_SPOKEN_SYMBOLS = {"&": " and ", "%": " percent ", "+": " plus "}
-
-
-def _below_thousand(n: int) -> list[str]:
-    words: list[str] = []
-    if n >= 100:
-        words += [_ONES[n // 100], "hundred"]
-        n %= 100
-    if n >= 20:
-        words.append(_TENS[n // 10])
-        if n % 10:
-            words.append(_ONES[n % 10])
-    elif n or not words:
-        words.append(_ONES[n])
-    return words
-
-
-def number_to_words(n: int, *, ordinal: bool = False) -> str:
-    """Cardinal (or ordinal) English words for ``0 <= n < 10**12``: ``1947`` ->
-    ``"one thousand nine hundred forty seven"``, ``21, ordinal=True`` -> ``"twenty first"``."""
-    if not 0 <= n < 10**12:
-        raise ValueError(f"number_to_words handles 0 <= n < 10**12, got {n}")
-    words: list[str] = []
-    for scale, name in _SCALES:
-        if n >= scale:
-            words += _below_thousand(n // scale) + [name]
-            n %= scale
-    if n or not words:
-        words += _below_thousand(n)
-    if ordinal:
-        last = words[-1]
-        if last in _ORDINAL_IRREGULAR:
-            words[-1] = _ORDINAL_IRREGULAR[last]
-        elif last.endswith("y"):
-            words[-1] = last[:-1] + "ieth"
-        else:
-            words[-1] = last + "th"
-    return " ".join(words)
-
-
-def _year_words(n: int) -> str:
-    """``1947`` -> "nineteen forty seven", ``1905`` -> "nineteen oh five", ``1900`` -> "nineteen hundred"."""
-    hi, lo = divmod(n, 100)
-    tail = "hundred" if lo == 0 else (f"oh {_ONES[lo]}" if lo < 10 else number_to_words(lo))
-    return f"{number_to_words(hi)} {tail}"
-
-
-def digits_to_words(digits: str) -> str:
-    """A digit string spoken digit by digit: ``"4701"`` -> ``"four seven zero one"``."""
-    if not digits or not digits.isascii() or not digits.isdigit():
-        raise ValueError(f"expected a non-empty string of digits 0-9, got {digits!r}")
-    return " ".join(_ONES[int(d)] for d in digits)
-
-
-def _spell_number(m: re.Match[str]) -> str:
-    whole, decimals, suffix = m.group(1), m.group(2), m.group(3)
-    n = int(whole.replace(",", ""))
-    if n >= 10**12:
-        return f" {digits_to_words(whole.replace(',', ''))} "
-    if suffix:
-        return f" {number_to_words(n, ordinal=True)} "
-    if decimals:
-        return f" {number_to_words(n)} point {digits_to_words(decimals[1:])} "
-    if "," not in whole and len(whole) == 4 and (1100 <= n <= 1999 or 2010 <= n <= 2099):
-        return f" {_year_words(n)} "
-    if len(whole) > 1 and whole[0] == "0":  # "007": digit by digit
-        return f" {digits_to_words(whole)} "
-    return f" {number_to_words(n)} "
-
-
-def _unit_name(c: str) -> str:
-    return f"{c!r} (U+{ord(c):04X})"
-
-
-def normalize_transcript(text: str) -> str:
-    """Map free text onto :data:`SPEECH_UNITS` (the speech-mini normalisation).
-
-    Lower-cases; strips accents (``"café"`` -> ``"cafe"``) and maps a few letters (``"ß"`` ->
-    ``"ss"``); spells numbers (``"in 1947"`` -> ``"in nineteen forty seven"``, ``"3.5"`` -> ``"three
-    point five"``, ``"21st"`` -> ``"twenty first"``, ``"1,200"`` -> ``"one thousand two hundred"``)
-    and ``&``/``%``/``+``; turns other punctuation, symbols and hyphens into spaces; keeps
-    apostrophes inside words only (``"don't"``, not quotes); collapses spaces. May return ``""``.
-
-    Raises:
-        ValueError: letters or digits with no mapping (``"ж"``, ``"½"``), naming them.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    s = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()
-    s = _NUMBER.sub(_spell_number, s)
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    out: list[str] = []
-    bad: list[str] = []
-    for c in s:
-        if c in _UNIT_SET:
-            out.append(c)
-        elif c in _LETTER_MAP:
-            out.append(_LETTER_MAP[c])
-        elif c in _SPOKEN_SYMBOLS:
-            out.append(_SPOKEN_SYMBOLS[c])
-        elif unicodedata.category(c)[0] in "LN":
-            if c not in bad:
-                bad.append(c)
-        else:  # punctuation, symbols, other whitespace, controls
-            out.append(" ")
-    if bad:
-        raise ValueError(f"characters outside the unit set with no spelling: "
-                         f"{', '.join(_unit_name(c) for c in bad)} in {text!r}")
-    words = (w.strip("'") for w in "".join(out).split())
-    return " ".join(w for w in words if w)
-
-
-def validate_transcript(text: Any, *, where: str = "") -> str:
-    """Check that ``text`` is a non-empty transcript in :data:`SPEECH_UNITS`; returns it with runs of
-    spaces collapsed. ``where`` (e.g. ``"train.jsonl:3"``) prefixes the error message.
-
-    Raises:
-        ValueError: not a string, empty, or characters outside the unit set (named in the message).
-    """
-    at = f"{where}: " if where else ""
-    if not isinstance(text, str):
-        raise ValueError(f"{at}transcript must be a string, got {type(text).__name__} {text!r}")
-    if not text.strip():
-        raise ValueError(f"{at}empty transcript {text!r}")
-    bad = sorted({c for c in text if c not in _UNIT_SET}, key=text.index)
-    if bad:
-        raise ValueError(
-            f"{at}characters outside the unit set (lower-case a-z, apostrophe, space): "
-            f"{', '.join(_unit_name(c) for c in bad)} in {text!r}; normalise it first "
-            f"(normalize_transcript(), or load_manifest(..., normalize=True))")
-    return " ".join(text.split())
-
-
-# --------------------------------------------------------------------------- manifests and audio
-
-
-@dataclass
-class Utterance:
-    """One manifest line: ``audio`` is an absolute path; ``duration`` in seconds (may be None for
-    users' manifests); ``extra`` holds any other keys (speech-mini: ``rate``, ``pitch``, ``snr_db``)."""
-
-    id: str
-    audio: Path
-    text: str
-    voice: str | None = None
-    duration: float | None = None
-    kind: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def to_json(self, root: Path | None = None) -> dict[str, Any]:
-        """The manifest record; ``audio`` relative to ``root`` when it lies below it."""
-        audio = self.audio
-        if root is not None:
-            try:
-                audio = self.audio.relative_to(root)
-            except ValueError:
-                pass
-        rec: dict[str, Any] = {"id": self.id, "audio": audio.as_posix(), "text": self.text}
-        for key in ("voice", "duration", "kind"):
-            if getattr(self, key) is not None:
-                rec[key] = getattr(self, key)
-        rec.update(self.extra)
-        return rec
-
-
-def write_manifest(path: str | os.PathLike[str], utterances: Sequence[Utterance]) -> None:
-    """Write ``utterances`` as JSON lines, audio paths relative to the manifest's folder (atomic)."""
-    from seqebm.io import atomic_write_text
-
-    path = Path(path)
-    root = path.parent.resolve()
-    lines = [json.dumps(u.to_json(root), ensure_ascii=False) for u in utterances]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-_KNOWN_KEYS = {"id", "audio", "text", "voice", "duration", "kind"}
-
-
-def load_manifest(
-    path: str | os.PathLike[str],
-    *,
-    normalize: bool = False,
-    check_audio: bool = True,
-    sample_rate: int | None = None,
-) -> list[Utterance]:
-    """Read and validate a JSONL manifest (see the module docstring for the format).
-
-    Args:
-        path: the ``.jsonl`` file; relative ``audio`` paths are resolved against its folder.
-        normalize: apply :func:`normalize_transcript` to each ``text`` first (users' raw text);
-            otherwise the text must already be in :data:`SPEECH_UNITS`.
-        check_audio: require every audio file to exist.
-        sample_rate: also read each file's header and require this rate (``None``: don't check).
-
-    Raises:
-        ValueError: naming the manifest file and line: not JSON / not an object, missing or
-            non-string ``audio``, audio file not found, wrong sample rate, empty transcript,
-            characters outside the unit set, non-positive duration, duplicate id, no utterances.
-        FileNotFoundError: the manifest itself does not exist.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    root = path.parent.resolve()
-    out: list[Utterance] = []
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            audio = rec.get("audio")
-            if not isinstance(audio, str) or not audio:
-                raise ValueError(f"{where}: missing or invalid 'audio' field ({audio!r}); expected a path")
-            text = rec.get("text")
-            if normalize and isinstance(text, str):
-                try:
-                    text = normalize_transcript(text)
-                except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from None
-            text = validate_transcript(text, where=where)
-            audio_path = Path(audio).expanduser()
-            if not audio_path.is_absolute():
-                audio_path = root / audio_path
-            if check_audio and not audio_path.is_file():
-                raise ValueError(f"{where}: audio file not found: {audio_path}")
-            if sample_rate is not None:
-                _check_rate(audio_path, sample_rate, where=where)
-            duration = rec.get("duration")
-            if duration is not None:
-                if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
-                    raise ValueError(f"{where}: duration must be a positive number of seconds, got {duration!r}")
-                duration = float(duration)
-            uid = rec.get("id", f"{path.stem}-{lineno}")
-            if not isinstance(uid, str) or not uid:
-                raise ValueError(f"{where}: id must be a non-empty string, got {uid!r}")
-            if uid in seen:
-                raise ValueError(f"{where}: duplicate id {uid!r} (first on line {seen[uid]})")
-            seen[uid] = lineno
-            voice, kind = rec.get("voice"), rec.get("kind")
-            out.append(Utterance(
-                id=uid, audio=audio_path, text=text,
-                voice=None if voice is None else str(voice), duration=duration,
-                kind=None if kind is None else str(kind),
-                extra={k: v for k, v in rec.items() if k not in _KNOWN_KEYS},
-            ))
-    if not out:
-        raise ValueError(f"{path}: no utterances (empty manifest)")
-    return out
-
-
-def _check_rate(path: Path, sample_rate: int, *, where: str) -> None:
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except (RuntimeError, sf.LibsndfileError) as exc:
-        raise ValueError(f"{where}: cannot read audio {path}: {exc}") from exc
-    if info.samplerate != sample_rate:
-        raise ValueError(f"{where}: {path} has sample rate {info.samplerate} Hz, expected {sample_rate} Hz")
-
-
-def read_audio(
-    path: str | os.PathLike[str],
-    *,
-    sample_rate: int | None = SPEECH_SAMPLE_RATE,
-    resample: bool = False,
-    downmix: bool = False,
-) -> np.ndarray:
-    """Read a WAV/FLAC/... file with ``soundfile``; returns float32 samples in [-1, 1], shape ``(S,)``.
-
-    Args:
-        sample_rate: the rate the caller expects (``None``: accept any, see the file's own).
-        resample: resample another rate to ``sample_rate`` (``scipy.signal.resample_poly``) instead
-            of raising; off by default so that a wrong rate is never converted silently.
-        downmix: average several channels to mono instead of raising.
-
-    Raises:
-        ValueError: unreadable file, wrong sample rate, several channels, no samples.
-    """
-    import soundfile as sf
-
-    path = Path(path)
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (RuntimeError, sf.LibsndfileError) as exc:
-        raise ValueError(f"cannot read audio {path}: {exc}") from exc
-    if data.shape[1] != 1:
-        if not downmix:
-            raise ValueError(f"{path}: expected mono audio, got {data.shape[1]} channels (pass downmix=True to average)")
-        data = data.mean(axis=1, keepdims=True)
-    samples = np.ascontiguousarray(data[:, 0])
-    if samples.size == 0:
-        raise ValueError(f"{path}: no audio samples")
-    if sample_rate is not None and rate != sample_rate:
-        if not resample:
-            raise ValueError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz "
-                             f"(pass resample=True to convert with scipy.signal.resample_poly)")
-        samples = _resample(samples, rate, sample_rate)
-    return samples
-
-
-def _resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase resampling ``rate_in`` -> ``rate_out`` (float32 in, float32 out)."""
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(rate_out, rate_in)
-    return resample_poly(x, ratio.numerator, ratio.denominator).astype(np.float32)
-
 
 # --------------------------------------------------------------------------- speech-mini texts
 
