@@ -1010,3 +1010,21 @@ def test_token_loss_ignores_whatever_padding_holds():
     a = TokenTaggingLoss()(model, batch).loss
     b = TokenTaggingLoss()(model, TagBatch(batch.words, batch.chars, padded, batch.mask)).loss
     assert torch.equal(a, b)
+
+
+def test_local_pretraining_steps_use_the_locally_normalised_loss():
+    """Before ``local_steps`` the CRF-transducer loss is -log q(y*|x) with q = prod_i softmax(phi_i + psi_i):
+    equal to the RNN-T-style token loss of the same scores; from ``local_steps`` on, the global loss."""
+    model = make_model("crf_transducer")
+    batch = make_batch()
+    loss = CRFTransducerLoss("exact", local_steps=5)
+    f = model.transcribe(batch)
+    scores = torch.log_softmax(model.history_scores(f, batch.tags), -1)
+    tok = scores.gather(2, batch.tags.unsqueeze(-1)).squeeze(-1).masked_fill(~batch.mask, 0.0)
+    expected = -tok.sum() / batch.mask.sum()
+    torch.testing.assert_close(loss(model, batch, step=4).loss, expected.float(), rtol=1e-5, atol=1e-6)
+    exact = CRFTransducerLoss("exact")(model, batch).loss
+    torch.testing.assert_close(loss(model, batch, step=5).loss, exact)
+    assert not torch.allclose(exact, expected.float())
+    with pytest.raises(ValueError, match="local_steps must be >= 0"):
+        CRFTransducerLoss(local_steps=-1)

@@ -90,6 +90,11 @@ class CRFTransducerLoss(nn.Module):
             estimate of E_p[grad u]), or ``"exact"`` (enumeration; K^T must be small).
         beam_size: W for ``early_update``; ``W >= K^T`` gives the exact NLL.
         num_samples: S for ``monte_carlo``.
+        local_steps: optimiser steps (from 0) trained with the locally normalised loss
+            -log q(y* | x), q = softmax(phi_i + psi_i), before the global loss takes over. Early
+            updates only train the gold prefix up to where it leaves the beam, which at the start
+            of training is a word or two: local pre-training (Andor et al. 2016) gives the beam
+            something to work with.
 
     The beam search and the sampling choose label sequences without gradient; the scores of the
     chosen sequences are then recomputed with gradient through F and G.
@@ -97,25 +102,38 @@ class CRFTransducerLoss(nn.Module):
 
     METHODS = ("early_update", "monte_carlo", "exact")
 
-    def __init__(self, method: str = "early_update", *, beam_size: int = 8, num_samples: int = 16) -> None:
+    def __init__(self, method: str = "early_update", *, beam_size: int = 8, num_samples: int = 16,
+                 local_steps: int = 0) -> None:
         super().__init__()
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         if beam_size < 1 or num_samples < 1:
             raise ValueError(f"beam_size and num_samples must be >= 1, got {beam_size}, {num_samples}")
+        if local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {local_steps}")
         self.method, self.beam_size, self.num_samples = method, beam_size, num_samples
+        self.local_steps = local_steps
 
     def forward(self, model: nn.Module, batch: Any, step: int = 0) -> ObjectiveOutput:
         net = unwrap(model)
         _check_gold(net, batch.tags, batch.mask)
         f = net.transcribe(batch)  # (B, T, K)
-        if self.method == "exact":
+        if step < self.local_steps:
+            nll = self.local_nll(net, f, batch.tags, batch.mask)
+        elif self.method == "exact":
             nll = self.exact_nll(net, f, batch.tags, batch.mask)
         elif self.method == "early_update":
             nll = self._early_update(net, f, batch.tags, batch.mask)
         else:
             nll = self._monte_carlo(net, f, batch.tags, batch.mask)
         return _finish(nll, batch)
+
+    def local_nll(self, net: nn.Module, f: Tensor, tags: Tensor, mask: Tensor) -> Tensor:
+        """-log q(y* | x) (B,) of the locally normalised transducer q(y_i | y_<i, x) = softmax(phi_i + psi_i),
+        the pre-training loss (Andor et al. 2016 pre-train globally normalised models locally)."""
+        logq = torch.log_softmax(net.history_scores(f, tags.masked_fill(~mask, 0)), -1)
+        tok = logq.gather(2, tags.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -tok.masked_fill(~mask, 0.0).sum(1)
 
     def _path_scores(self, net: nn.Module, f: Tensor, paths: Tensor) -> Tensor:
         """u of each path (B, P, T) (positions with label -1 are skipped) -> (B, P)."""
@@ -168,12 +186,12 @@ class CRFTransducerLoss(nn.Module):
 
 
 def build_tagging_objective(kind: str, *, method: str = "early_update", beam_size: int = 8,
-                            num_samples: int = 16, label_smoothing: float = 0.0) -> nn.Module:
+                            num_samples: int = 16, label_smoothing: float = 0.0, local_steps: int = 0) -> nn.Module:
     """The loss that trains a tagger of ``kind`` (see :data:`seqebm.models.taggers.TAGGER_KINDS`)."""
     if kind in ("softmax", "rnnt"):
         return TokenTaggingLoss(label_smoothing=label_smoothing)
     if kind == "crf":
         return CRFTaggingLoss()
     if kind == "crf_transducer":
-        return CRFTransducerLoss(method, beam_size=beam_size, num_samples=num_samples)
+        return CRFTransducerLoss(method, beam_size=beam_size, num_samples=num_samples, local_steps=local_steps)
     raise ValueError(f"unknown tagger kind {kind!r}")

@@ -102,13 +102,14 @@ class TagObjectiveConfig:
     method: str = "early_update"  # CRF transducer: early_update | monte_carlo | exact
     beam_size: int = 8  # early-update beam
     num_samples: int = 16  # Monte Carlo samples per sentence
+    local_steps: int = 0  # CRF transducer: first steps trained with the locally normalised loss
     label_smoothing: float = 0.0  # softmax / RNN-T labellers
 
     def __post_init__(self) -> None:
         if self.method not in CRFTransducerLoss.METHODS:
             raise ValueError(f"objective.method must be one of {CRFTransducerLoss.METHODS}, got {self.method!r}")
-        if self.beam_size < 1 or self.num_samples < 1:
-            raise ValueError("objective.beam_size and objective.num_samples must be >= 1")
+        if self.beam_size < 1 or self.num_samples < 1 or self.local_steps < 0:
+            raise ValueError("objective.beam_size and objective.num_samples must be >= 1, objective.local_steps >= 0")
 
 
 @dataclass
@@ -263,7 +264,8 @@ def run_tagging(cfg: TaggingConfig, run_dir: str | Path, *, resume: bool = False
         f"({cfg.model.encoder}) params={n_params / 1e6:.2f}M train_batches/epoch={task.train_source.num_batches()}")
     o = cfg.objective
     objective = build_tagging_objective(cfg.model.kind, method=o.method, beam_size=o.beam_size,
-                                        num_samples=o.num_samples, label_smoothing=o.label_smoothing)
+                                        num_samples=o.num_samples, label_smoothing=o.label_smoothing,
+                                        local_steps=o.local_steps)
     trainer = Trainer(model, objective, task.train_source, optim=cfg.optim, train=cfg.train, run_dir=run_dir,
                       evaluate=lambda m: task.evaluate(m, "valid", device), device=device, dist_info=dist_info)
     state = trainer.fit(resume=resume)
