@@ -1,4 +1,5 @@
-"""``seqebm`` command line: train, eval, sample, data, demo.
+"""``seqebm`` command line: train, eval, sample, data, demo, analyze, tag (sequence labelling),
+asr (speech recognition) and rescore (n-best rescoring).
 
 Configs: ``--config file.yaml`` plus dotted overrides (``optim.lr=3e-4 model.arch=lstm``).
 """
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.eval.analysis import register_analysis_commands
 
     register_analysis_commands(sub)  # seqebm analyze ...
+    from seqebm.eval.rescoring import register_rescore_command
+
+    register_rescore_command(sub)  # seqebm rescore ...
     return p
 
 
