@@ -16,8 +16,30 @@ import torch
 from torch import Tensor
 
 
+class TensorFields:
+    """Row-wise operations shared by the batch dataclasses: every field is a tensor whose first
+    dimension is the batch (or None). Subclasses define ``__len__``."""
+
+    def _map(self, fn):
+        return type(self)(**{f.name: (None if (v := getattr(self, f.name)) is None else fn(v))
+                             for f in dataclasses.fields(self)})
+
+    def to(self, device: torch.device | str):
+        return self._map(lambda v: v.to(device, non_blocking=True))
+
+    def rows(self, index: slice | Tensor):
+        return self._map(lambda v: v[index])
+
+    def shard(self, rank: int, world_size: int):
+        """Contiguous slice of rows for one data-parallel rank (B must divide evenly)."""
+        if len(self) % world_size:
+            raise ValueError(f"batch of {len(self)} rows cannot be split evenly over {world_size} ranks")
+        per = len(self) // world_size
+        return self.rows(slice(rank * per, (rank + 1) * per))
+
+
 @dataclass
-class Batch:
+class Batch(TensorFields):
     inputs: Tensor  # (B, T) long, inputs[:, 0] = BOS
     targets: Tensor  # (B, T) long, PAD where mask is False
     mask: Tensor  # (B, T) bool
@@ -31,26 +53,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: (None if (v := getattr(self, f.name)) is None else v.to(device, non_blocking=True))
-                        for f in dataclasses.fields(self)})
-
     def model_kwargs(self) -> dict[str, Tensor]:
         """Context keywords for ``model(inputs, **kwargs)`` (the source for seq2seq)."""
         if self.source is None:
             return {}
         return {"source": self.source, "source_mask": self.source_mask}
-
-    def rows(self, index: slice | Tensor) -> "Batch":
-        return Batch(**{f.name: (None if (v := getattr(self, f.name)) is None else v[index])
-                        for f in dataclasses.fields(self)})
-
-    def shard(self, rank: int, world_size: int) -> "Batch":
-        """Contiguous slice of rows for one data-parallel rank (B must divide evenly)."""
-        if len(self) % world_size:
-            raise ValueError(f"batch of {len(self)} rows cannot be split evenly over {world_size} ranks")
-        per = len(self) // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))
 
 
 def pack_lm(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int,
@@ -269,7 +276,7 @@ class TensorSource:
 
 
 @dataclass
-class PairBatch:
+class PairBatch(TensorFields):
     """Real sequences and model samples for the same prefixes (residual-EBM conditional NCE).
 
     Row i of ``positive`` (B, T) is a real sequence and row i of ``negative`` (B, T') an LM
@@ -295,14 +302,3 @@ class PairBatch:
     def num_tokens(self) -> int:
         return len(self)
 
-    def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
-
-    def rows(self, index: slice | Tensor) -> "PairBatch":
-        return PairBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
-
-    def shard(self, rank: int, world_size: int) -> "PairBatch":
-        if len(self) % world_size:
-            raise ValueError(f"batch of {len(self)} pairs cannot be split evenly over {world_size} ranks")
-        per = len(self) // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))

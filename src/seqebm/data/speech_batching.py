@@ -10,18 +10,19 @@ length-bucketed batches as a pure function of (seed, epoch, index), so runs resu
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from seqebm.data.batching import TensorFields
+
 __all__ = ["SpeechBatch", "encode_transcript", "decode_labels", "featurize", "SpeechBatchSource", "collate"]
 
 
 @dataclass
-class SpeechBatch:
+class SpeechBatch(TensorFields):
     features: Tensor  # (B, N, F) float
     feature_lengths: Tensor  # (B,) long
     targets: Tensor  # (B, U) long, labels 1..V, 0 past target_lengths
@@ -33,18 +34,6 @@ class SpeechBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.target_lengths.sum())
-
-    def to(self, device: torch.device | str) -> SpeechBatch:
-        return SpeechBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
-
-    def rows(self, index: slice | Tensor) -> SpeechBatch:
-        return SpeechBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
-
-    def shard(self, rank: int, world_size: int) -> SpeechBatch:
-        if len(self) % world_size:
-            raise ValueError(f"batch of {len(self)} rows cannot be split evenly over {world_size} ranks")
-        per = len(self) // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))
 
 
 def encode_transcript(text: str, units: Sequence[str]) -> list[int]:

@@ -12,7 +12,6 @@ exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from seqebm.data.batching import TensorFields
 from seqebm.data.tagged import Sentence, TagVocabulary, WordVocabulary
 from seqebm.io import atomic_write_text
 
@@ -29,7 +29,7 @@ __all__ = ["TagBatch", "TagEncoder", "TagBatchSource"]
 
 
 @dataclass
-class TagBatch:
+class TagBatch(TensorFields):
     """One batch of labelled sentences (left-aligned, right-padded)."""
 
     words: Tensor  # (B, T) long, WordVocabulary ids, 0 = <pad>
@@ -50,21 +50,6 @@ class TagBatch:
     @property
     def lengths(self) -> Tensor:
         return self.mask.sum(1)
-
-    def to(self, device: torch.device | str) -> TagBatch:
-        return TagBatch(**{f.name: (None if (v := getattr(self, f.name)) is None else v.to(device, non_blocking=True))
-                           for f in dataclasses.fields(self)})
-
-    def rows(self, index: slice | Tensor) -> TagBatch:
-        return TagBatch(**{f.name: (None if (v := getattr(self, f.name)) is None else v[index])
-                           for f in dataclasses.fields(self)})
-
-    def shard(self, rank: int, world_size: int) -> TagBatch:
-        """Contiguous slice of rows for one data-parallel rank (B must divide evenly)."""
-        if len(self) % world_size:
-            raise ValueError(f"batch of {len(self)} rows cannot be split evenly over {world_size} ranks")
-        per = len(self) // world_size
-        return self.rows(slice(rank * per, (rank + 1) * per))
 
 
 class TagEncoder:
