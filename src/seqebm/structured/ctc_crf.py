@@ -129,13 +129,6 @@ class DenominatorGraph:
     def num_states(self) -> int:
         return int(self.symbol.shape[0])
 
-    def to(self, dtype: torch.dtype, device: torch.device | str) -> DenominatorGraph:
-        def mv(x: Tensor) -> Tensor:
-            return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-
-        return DenominatorGraph(mv(self.weights), mv(self.weights_t), mv(self.start), mv(self.end),
-                                self.symbol.to(device), self.histories, self.num_symbols)
-
 
 class _Denominator(torch.autograd.Function):
     """log Z(x) of the denominator graph; backward = posterior symbol occupancies (Eq. 4.23)."""
