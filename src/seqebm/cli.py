@@ -332,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.eval.rescoring import register_rescore_command
 
     register_rescore_command(sub)  # seqebm rescore ...
+    el = sub.add_parser("elm", help="energy-based language models (TRF-LM, GN-ELM, residual ELM)")
+    elm_sub = el.add_subparsers(dest="action", required=True)
+    from seqebm.eval.label_bias import register_label_bias_command
+
+    register_label_bias_command(elm_sub)  # seqebm elm label-bias
     return p
 
 
