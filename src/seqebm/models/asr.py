@@ -33,6 +33,8 @@ class ConvSubsampling(nn.Module):
 
     def __init__(self, num_features: int, d_model: int, channels: int = 32) -> None:
         super().__init__()
+        if channels < 1:
+            raise ValueError(f"conv channels must be >= 1, got {channels}")
         self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, stride=2), nn.ReLU(),
                                   nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU())
         f = ((num_features - 1) // 2 - 1) // 2
@@ -85,14 +87,14 @@ class AcousticEncoder(nn.Module):
     ARCHS = ("blstm", "conformer")
 
     def __init__(self, num_features: int = 80, *, d_model: int = 256, num_layers: int = 3, arch: str = "blstm",
-                 n_heads: int = 4, dropout: float = 0.1) -> None:
+                 n_heads: int = 4, dropout: float = 0.1, conv_channels: int = 32) -> None:
         super().__init__()
         if arch not in self.ARCHS:
             raise ValueError(f"encoder arch must be one of {self.ARCHS}, got {arch!r}")
         if d_model % 2 or num_layers < 1:
             raise ValueError(f"d_model must be even and num_layers >= 1, got {d_model}, {num_layers}")
         self.arch, self.out_dim = arch, d_model
-        self.subsample = ConvSubsampling(num_features, d_model)
+        self.subsample = ConvSubsampling(num_features, d_model, channels=conv_channels)
         self.drop = nn.Dropout(dropout)
         if arch == "blstm":
             self.rnn = nn.LSTM(d_model, d_model // 2, num_layers, batch_first=True, bidirectional=True,

@@ -70,6 +70,7 @@ class AsrModelConfig:
     pred_dim: int = 128  # RNN-T prediction network
     joint_dim: int = 256
     lm_order: int = 2  # CTC-CRF label n-gram order
+    conv_channels: int = 32  # channels of the 4x convolutional subsampling (its cost dominates on CPU)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,6 +79,8 @@ class AsrModelConfig:
             raise ValueError(f"model.encoder must be blstm or conformer, got {self.encoder!r}")
         if self.lm_order < 1:
             raise ValueError(f"model.lm_order must be >= 1, got {self.lm_order}")
+        if self.conv_channels < 1:
+            raise ValueError(f"model.conv_channels must be >= 1, got {self.conv_channels}")
 
 
 @dataclass
@@ -225,7 +228,7 @@ def _build_model(cfg: AsrConfig, num_symbols: int) -> nn.Module:
 
     m = cfg.model
     enc = AcousticEncoder(cfg.data.n_mels, d_model=m.d_model, num_layers=m.num_layers, arch=m.encoder,
-                          n_heads=m.n_heads, dropout=m.dropout)
+                          n_heads=m.n_heads, dropout=m.dropout, conv_channels=m.conv_channels)
     aug = SpecAugment(freq_width=min(27, cfg.data.n_mels // 3)) if cfg.data.spec_augment else None
     if m.kind == "rnnt":
         return RNNTAcousticModel(enc, num_symbols, pred_dim=m.pred_dim, joint_dim=m.joint_dim, dropout=m.dropout,
