@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.eval.label_bias import register_label_bias_command
 
     register_label_bias_command(elm_sub)  # seqebm elm label-bias
+    from seqebm.training.elm import register_elm_train_command
+
+    register_elm_train_command(elm_sub)  # seqebm elm train
     return p
 
 

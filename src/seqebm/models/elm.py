@@ -121,7 +121,8 @@ class GNELM(nn.Module):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.potential, self.eos_id, self.max_length = potential, eos_id, max_length
-        self.register_buffer("log_z", torch.zeros((), dtype=torch.float64))  # estimate of log Z, set by training
+        # log Z estimate: learned by NCE/DNCE, set exactly by ExactMLELoss
+        self.log_z = nn.Parameter(torch.zeros((), dtype=torch.float64))
 
     def potential_input(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return append_token(tokens, mask, self.eos_id) if self.eos_id is not None else (tokens, mask)
@@ -135,7 +136,7 @@ class GNELM(nn.Module):
         return self.log_unnormalized(tokens, mask)
 
     def log_prob(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """log p(x) with the current ``log_z`` estimate, (B,) float64."""
+        """log p(x) with the current ``log_z`` estimate, (B,) float64 (differentiable in ``log_z``)."""
         return self.log_unnormalized(tokens, mask).double() - self.log_z
 
 

@@ -110,26 +110,22 @@ class BoundedSentenceLM(nn.Module):
         m = self.max_length
         tokens = torch.zeros(n, m, dtype=torch.long, device=dev)
         log_q = torch.zeros(n, dtype=torch.float64, device=dev)
-        alive = torch.ones(n, dtype=torch.bool, device=dev)
         lengths = torch.zeros(n, dtype=torch.long, device=dev)
+        rows = torch.arange(n, device=dev)  # the unfinished rows; their LM state is kept compact
         state = self.lm.init_state(n, dev)
         last = torch.full((n, 1), self.bos_id, dtype=torch.long, device=dev)
         for step in range(m):
             logits, state = self.lm.step(last, state)
-            lp = self._log_probs(logits[:, -1], torch.full((n,), step == 0, device=dev))  # (n, V)
-            u = torch.rand(n, 1, generator=generator, dtype=torch.float64,
-                           device=generator.device if generator is not None else "cpu").to(dev)
-            cdf = lp.double().exp().cumsum(-1)
-            nxt = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(self.vocab_size - 1).squeeze(-1)  # (n,)
-            nxt = torch.where(lp.gather(-1, nxt[:, None]).squeeze(-1).isfinite(), nxt, lp.argmax(-1))
-            log_q += torch.where(alive, lp.gather(-1, nxt[:, None]).squeeze(-1).double(), 0.0)
-            ended = alive & (nxt == self.eos_id)
-            word = alive & ~ended
-            tokens[:, step] = torch.where(word, nxt, 0)
-            lengths += word.long()
-            alive = word
-            if not bool(alive.any()):
+            lp = self._log_probs(logits[:, -1], torch.full((len(rows),), step == 0, device=dev))  # (R, V)
+            nxt = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)  # (R,)
+            log_q[rows] += lp.gather(-1, nxt[:, None]).squeeze(-1).double()
+            word = nxt != self.eos_id
+            tokens[rows[word], step] = nxt[word]
+            lengths[rows[word]] += 1
+            if not bool(word.any()):
                 break
-            last = nxt[:, None]
+            keep = word.nonzero().squeeze(-1)
+            rows, last = rows[keep], nxt[keep, None]
+            state = self.lm.select_state(state, keep)
         mask = torch.arange(m, device=dev)[None] < lengths[:, None]
         return tokens, mask, log_q

@@ -43,7 +43,7 @@ from seqebm.models.elm import GNELM, TRFLM, check_sentences
 from seqebm.objectives.base import ObjectiveOutput
 from seqebm.sampling.trans_dimensional import SentenceChains, local_jump_move, mis_move
 
-__all__ = ["ExactMLELoss", "AugSALoss", "TRFDNCELoss", "ResidualNCELoss", "sentence_batch"]
+__all__ = ["ExactMLELoss", "AugSALoss", "TRFDNCELoss", "SentenceMLELoss", "ResidualNCELoss", "sentence_batch"]
 
 
 def sentence_batch(batch: object) -> tuple[Tensor, Tensor]:
@@ -107,18 +107,23 @@ class AugSALoss(nn.Module):
         anchor_word_ids: the ids of all one-word sentences; if given, ζ_1 is pinned to the exact
             log Z_1 after every update (otherwise ζ_1 stays where it starts and the other ζ_l are
             relative to it).
+        proposal_weight: scale of the proposal's MLE loss on the data batch added to the returned
+            loss (0: the proposal stays fixed; > 0: it is trained jointly, as the auxiliary model of
+            joint stochastic approximation, Table 3.1, so MIS acceptance improves as it fits).
     """
 
     def __init__(self, proposal: nn.Module, *, num_chains: int = 64, mis_moves: int = 1, local_jumps: int = 1,
-                 zeta_step: float | Callable[[int], float] = 1.0, anchor_word_ids: Sequence[int] | None = None
-                 ) -> None:
+                 zeta_step: float | Callable[[int], float] = 1.0, anchor_word_ids: Sequence[int] | None = None,
+                 proposal_weight: float = 0.0) -> None:
         super().__init__()
         if num_chains < 1 or mis_moves < 0 or local_jumps < 0 or mis_moves + local_jumps == 0:
             raise ValueError(f"need num_chains >= 1 and at least one move, got {num_chains}, {mis_moves}, "
                              f"{local_jumps}")
         if not callable(zeta_step) and not zeta_step > 0:
             raise ValueError(f"zeta_step must be positive or a schedule, got {zeta_step}")
-        self.proposal, self.num_chains = proposal, num_chains
+        if proposal_weight < 0:
+            raise ValueError(f"proposal_weight must be >= 0, got {proposal_weight}")
+        self.proposal, self.num_chains, self.proposal_weight = proposal, num_chains, proposal_weight
         self.mis_moves, self.local_jumps, self.zeta_step = mis_moves, local_jumps, zeta_step
         self.anchor = None if anchor_word_ids is None else torch.tensor([int(i) for i in anchor_word_ids])
         self.chains: SentenceChains | None = None
@@ -192,13 +197,19 @@ class AugSALoss(nn.Module):
         loss = -(u_data.double().mean() - (w * u_samples.double()).sum())
         n = tokens.shape[0]
         metrics: dict[str, Tensor | float] = {"tokens": float(n), "mean_sample_length_sum": float(lengths.double().mean()) * n}
+        if self.proposal_weight:
+            nll = -self.proposal.log_prob(tokens, mask).mean()
+            loss = loss + self.proposal_weight * nll.double()
+            metrics["proposal_nll_sum"] = nll.detach() * n
         for k, v in rates.items():
             metrics[f"{k}_sum"] = v * n
         return ObjectiveOutput(loss, metrics)
 
 
 class TRFDNCELoss(nn.Module):
-    """Dynamic NCE for a :class:`TRFLM` with learned ζ (see the module docstring).
+    """Dynamic NCE for a :class:`TRFLM` with learned ζ (see the module docstring); also trains a
+    :class:`GNELM`, whose single learned ``log_z`` then plays the role of ζ (G = U(x ⟨/s⟩) − log Z
+    − log ν − log q(x)).
 
     Args:
         noise: a trainable :class:`~seqebm.models.sentence_lm.BoundedSentenceLM`.
@@ -215,8 +226,8 @@ class TRFDNCELoss(nn.Module):
 
     def forward(self, model: nn.Module, batch: object, *, step: int | None = None,
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
-        if not isinstance(model, TRFLM):
-            raise TypeError(f"TRFDNCELoss trains a TRFLM, got {type(model).__name__}")
+        if not isinstance(model, (TRFLM, GNELM)):
+            raise TypeError(f"TRFDNCELoss trains a TRFLM or GNELM, got {type(model).__name__}")
         tokens, mask = sentence_batch(batch)
         check_sentences(tokens, mask, max_length=model.max_length)
         n = tokens.shape[0]
@@ -229,7 +240,7 @@ class TRFDNCELoss(nn.Module):
         allx = torch.cat([torch.cat([tokens, pad], 1)[:, :m], y])
         allm = torch.cat([torch.cat([mask, pad.bool()], 1)[:, :m], ym])
         width = int(allm.sum(1).max())
-        log_p = model.log_prob(allx[:, :width], allm[:, :width])  # (N + K,), ζ learned
+        log_p = model.log_prob(allx[:, :width], allm[:, :width]).double()  # (N + K,), ζ learned
         log_q = torch.cat([log_q_x.detach().double(), log_q_y.double()])
         nu = k2 / (n + k1)
         g = log_p - math.log(nu) - log_q
@@ -240,6 +251,16 @@ class TRFDNCELoss(nn.Module):
         correct = (g_pos.detach() > 0).sum() + (g_neg.detach() <= 0).sum()
         return ObjectiveOutput(loss, {"dnce_sum": nce.detach(), "noise_nll_sum": noise_nll.detach(),
                                       "accuracy_sum": correct.double() * n / g.shape[0], "tokens": float(n)})
+
+
+class SentenceMLELoss(nn.Module):
+    """−mean log q(x) per sentence for a :class:`~seqebm.models.sentence_lm.BoundedSentenceLM` (an ALM)."""
+
+    def forward(self, model: nn.Module, batch: object, *, step: int | None = None,
+                generator: torch.Generator | None = None) -> ObjectiveOutput:
+        tokens, mask = sentence_batch(batch)
+        ll = model.log_prob(tokens, mask)
+        return ObjectiveOutput(-ll.mean(), {"nll_sum": -ll.detach().sum(), "tokens": float(tokens.shape[0])})
 
 
 class ResidualNCELoss(nn.Module):

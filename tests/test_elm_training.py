@@ -1,0 +1,116 @@
+"""``seqebm elm train``: every model kind end to end on a tiny text corpus, the importance-sampling
+normalisers against enumeration, and the ELM rescoring scorer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from seqebm.cli import main
+from seqebm.config import load_config
+from seqebm.data.elm_text import SentenceBatchSource, encode_sentences, read_sentence_file
+from seqebm.data.tagged import WordVocabulary
+from seqebm.estimators.elm_exact import exact_log_partition, exact_trf_log_normalizers
+from seqebm.models.elm import GNELM, TRFLM, length_prior
+from seqebm.models.rnn import RNNLM
+from seqebm.models.sentence_lm import BoundedSentenceLM
+from seqebm.training.elm import ELMScorer, ElmConfig, importance_log_normalizers
+
+WORDS = "the cat dog sat ran on a mat".split()
+
+
+def write_corpus(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(400):
+        n = int(torch.randint(2, 7, (1,), generator=g))
+        lines.append(" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (n,), generator=g)))
+    for split, part in (("train", lines[:300]), ("valid", lines[300:350]), ("test", lines[350:])):
+        (tmp_path / f"{split}.txt").write_text("\n".join(part) + "\n")
+    return {s: str(tmp_path / f"{s}.txt") for s in ("train", "valid", "test")}
+
+
+def common(files):
+    return [f"data.train_file={files['train']}", f"data.valid_file={files['valid']}",
+            f"data.test_file={files['test']}", "data.corpus=files", "data.max_length=8", "data.min_count=1",
+            "data.batch_size=16", "model.d_model=16", "model.lm_d_model=16", "train.max_steps=6",
+            "train.eval_every=3", "train.checkpoint_every=3", "train.progress=false", "eval.is_samples=200",
+            "objective.noise_pretrain_steps=3", "objective.num_chains=8"]
+
+
+@pytest.mark.parametrize("kind,obj,pot", [("trf", "dnce", "neural"), ("trf", "augsa", "discrete"),
+                                          ("gn", "dnce", "neural"), ("residual", "nce", "mixed"),
+                                          ("alm", "mle", "neural")])
+def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys):
+    files = write_corpus(tmp_path)
+    run = tmp_path / f"run-{kind}-{obj}"
+    args = ["elm", "train", "--run-dir", str(run), *common(files), f"model.kind={kind}", f"objective.name={obj}",
+            f"model.potential={pot}"]
+    assert main(args) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["kind"] == kind and res["steps"] == 6
+    assert math.isfinite(res["test"]["loss"]) and res["test"]["sentences"] == 50
+    if kind != "alm":
+        assert len(res["is_log_normalizers"]["estimate"]) == (9 if kind == "trf" else 1)
+    scorer = ELMScorer(run, device="cpu")
+    scores = scorer(["the cat sat", "cat the sat on a mat the dog ran on the mat", ""])
+    assert scores.shape == (3,) and torch.isfinite(scores[:2]).all() and scores[2] == float("-inf")
+    # resuming a finished run changes nothing and still evaluates
+    assert main(args[:4] + ["--resume", *args[4:]]) == 0
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="objective.name"):
+        load_config(ElmConfig, None, ["model.kind=alm", "objective.name=dnce"])
+    with pytest.raises(ValueError, match="model.kind"):
+        load_config(ElmConfig, None, ["model.kind=bert"])
+    with pytest.raises(ValueError, match="corpus"):
+        load_config(ElmConfig, None, ["data.corpus=web"])
+
+
+def test_sentence_source_is_deterministic_and_files_load(tmp_path):
+    files = write_corpus(tmp_path)
+    sents = read_sentence_file(files["train"])
+    vocab = WordVocabulary.build(sents)
+    a = SentenceBatchSource(sents, vocab, 16, seed=3).batch(2, 5)
+    b = SentenceBatchSource(sents, vocab, 16, seed=3).batch(2, 5)
+    assert torch.equal(a.tokens, b.tokens) and a.num_tokens == 16
+    enc = encode_sentences([["the", "zebra"]], vocab)
+    assert enc.tokens[0, 1].item() == vocab.unk_id
+    with pytest.raises(ValueError, match="empty"):
+        encode_sentences([[]], vocab)
+    with pytest.raises(FileNotFoundError):
+        read_sentence_file(tmp_path / "missing.txt")
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    lm = RNNLM(6, d_model=8, n_layers=1, dropout=0.0)
+    q = BoundedSentenceLM(lm.double(), max_length=3)
+
+    class Pot(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+
+        def forward(self, tokens, mask):
+            return (self.a[tokens] * mask).sum(1)
+
+    return q, Pot()
+
+
+def test_importance_normalizers_match_enumeration_within_their_error_bars():
+    q, pot = _tiny_models()
+    trf = TRFLM(pot, length_prior([1, 2, 3], 3))
+    g = torch.Generator().manual_seed(1)
+    est, se = importance_log_normalizers(trf, q, 20000, generator=g)
+    exact = exact_trf_log_normalizers(pot, [3, 4, 5], 3)
+    assert torch.all((est[1:] - exact[1:]).abs() < 4 * se[1:] + 1e-3), (est, exact, se)
+    assert bool((se[1:] < 0.05).all())
+    gn = GNELM(pot, eos_id=2, max_length=3)
+    est, se = importance_log_normalizers(gn, q, 20000, generator=g)
+    exact = exact_log_partition(gn.log_unnormalized, [3, 4, 5], 3)
+    assert abs(float(est[0]) - exact.item()) < 4 * float(se[0]) + 1e-3
