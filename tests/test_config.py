@@ -68,10 +68,12 @@ ASR_PREFIXES = ("asr-",)  # `seqebm asr` recipes (AsrConfig); the rest are `seqe
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     from seqebm.training.asr import AsrConfig
+    from seqebm.training.elm import ElmConfig
     from seqebm.training.tagging import TaggingConfig
 
     cls = (TaggingConfig if path.name.startswith(TAGGING_PREFIXES) else AsrConfig
-           if path.name.startswith(ASR_PREFIXES) else ExperimentConfig)
+           if path.name.startswith(ASR_PREFIXES) else ElmConfig if path.name.startswith("elm-")
+           else ExperimentConfig)
     cfg = load_config(cls, path)
     assert cfg.name != cls().name  # each recipe names its runs
     if cls is not ExperimentConfig:  # compare tables are keyed by the file stem: keep name and file in step

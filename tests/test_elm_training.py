@@ -114,3 +114,19 @@ def test_importance_normalizers_match_enumeration_within_their_error_bars():
     est, se = importance_log_normalizers(gn, q, 20000, generator=g)
     exact = exact_log_partition(gn.log_unnormalized, [3, 4, 5], 3)
     assert abs(float(est[0]) - exact.item()) < 4 * float(se[0]) + 1e-3
+
+
+def test_rescore_cli_with_an_elm_run(tmp_path):
+    files = write_corpus(tmp_path)
+    run = tmp_path / "trf"
+    assert main(["elm", "train", "--run-dir", str(run), *common(files)]) == 0
+    nbest = []
+    for i, ref in enumerate(["the cat sat on a mat", "a dog ran"]):
+        hyps = [{"text": ref.replace("a", "o", 1), "acoustic": -1.0}, {"text": ref, "acoustic": -1.5}]
+        nbest.append(json.dumps({"id": i, "reference": ref, "hypotheses": hyps}))
+    (tmp_path / "dev.jsonl").write_text("\n".join(nbest) + "\n")
+    out = tmp_path / "rescore"
+    assert main(["rescore", "--dev", str(tmp_path / "dev.jsonl"), "--test", str(tmp_path / "dev.jsonl"),
+                 "--elm-run", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    data = json.loads(next(out.glob("*.json")).read_text())
+    assert "ELMScorer" in data["scorer"]

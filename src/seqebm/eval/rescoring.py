@@ -411,6 +411,8 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         raise ValueError("--ngram-order needs --ngram-train (the text to estimate the n-gram on)")
     if args.lm_run:
         spec = ScorerSpec("ar", lm_run=args.lm_run, device=args.device, batch_size=args.batch_size)
+    elif args.elm_run:
+        spec = ScorerSpec("elm", lm_run=args.elm_run, device=args.device, batch_size=args.batch_size)
     elif args.ngram_train:
         spec = ScorerSpec("ngram", ngram_train=args.ngram_train, ngram_order=args.ngram_order or 3)
     else:
@@ -441,6 +443,8 @@ def register_rescore_command(subparsers: Any) -> argparse.ArgumentParser:
     lm.add_argument("--lm-run", help="a trained text-LM run folder (seqebm train): log p(sentence) with BOS/EOS")
     lm.add_argument("--ngram-train", help="text file (one sentence per line) for an interpolated Kneser-Ney "
                                           "word n-gram")
+    lm.add_argument("--elm-run", help="a trained run folder of seqebm elm train (TRF-LM, GN-ELM, residual ELM or "
+                                      "its ALM baseline): log p(sentence) with its normalisers")
     lm.add_argument("--use-list-lm", action="store_true", help="the hypotheses' own lm field")
     r.add_argument("--ngram-order", type=int, default=None, help="n-gram order with --ngram-train (default 3)")
     r.add_argument("--lm-weights", type=float, nargs="+", default=None,

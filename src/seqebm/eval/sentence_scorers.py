@@ -361,7 +361,8 @@ class ScorerSpec:
     """Which sentence scorer ``seqebm rescore`` builds (flat arguments, validated here).
 
     ``kind``: ``"list"`` (the n-best lists' own ``lm`` field), ``"ar"`` (the LM of the text-LM run
-    folder ``lm_run``, :meth:`ARLMScorer.from_run`) or ``"ngram"`` (:class:`NGramSentenceScorer`
+    folder ``lm_run``, :meth:`ARLMScorer.from_run`), ``"elm"`` (the ``seqebm elm train`` run folder
+    ``lm_run``, :class:`seqebm.training.elm.ELMScorer`) or ``"ngram"`` (:class:`NGramSentenceScorer`
     of ``ngram_order`` fitted on the text file ``ngram_train``, one sentence per line).
     """
 
@@ -373,10 +374,10 @@ class ScorerSpec:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.kind not in ("list", "ar", "ngram"):
-            raise ValueError(f"scorer kind must be list, ar or ngram, got {self.kind!r}")
-        if self.kind == "ar" and not self.lm_run:
-            raise ValueError("an AR-LM scorer needs lm_run (a text-LM run folder)")
+        if self.kind not in ("list", "ar", "elm", "ngram"):
+            raise ValueError(f"scorer kind must be list, ar, elm or ngram, got {self.kind!r}")
+        if self.kind in ("ar", "elm") and not self.lm_run:
+            raise ValueError(f"an {self.kind} scorer needs lm_run (a run folder)")
         if self.kind == "ngram" and not self.ngram_train:
             raise ValueError("an n-gram scorer needs ngram_train (a text file, one sentence per line)")
         if not isinstance(self.ngram_order, int) or self.ngram_order < 1:
@@ -385,6 +386,10 @@ class ScorerSpec:
     def build(self) -> SentenceScorer | None:
         if self.kind == "ar":
             return ARLMScorer.from_run(self.lm_run, device=self.device, batch_size=self.batch_size)
+        if self.kind == "elm":
+            from seqebm.training.elm import ELMScorer
+
+            return ELMScorer(self.lm_run, device=self.device, batch_size=self.batch_size)
         if self.kind == "ngram":
             path = Path(self.ngram_train)
             if not path.is_file():

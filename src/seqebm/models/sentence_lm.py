@@ -117,7 +117,12 @@ class BoundedSentenceLM(nn.Module):
         for step in range(m):
             logits, state = self.lm.step(last, state)
             lp = self._log_probs(logits[:, -1], torch.full((len(rows),), step == 0, device=dev))  # (R, V)
-            nxt = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)  # (R,)
+            # inverse-CDF draw (float64; u in (0, 1] so a zero-probability id is never hit);
+            # ~10x faster than torch.multinomial on CPU for V in the thousands
+            u = 1.0 - torch.rand(len(rows), 1, generator=generator, dtype=torch.float64,
+                                 device=generator.device if generator is not None else "cpu").to(dev)
+            cdf = lp.double().exp().cumsum(-1)  # (R, V)
+            nxt = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(self.vocab_size - 1)  # (R,)
             log_q[rows] += lp.gather(-1, nxt[:, None]).squeeze(-1).double()
             word = nxt != self.eos_id
             tokens[rows[word], step] = nxt[word]
