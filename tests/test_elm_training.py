@@ -43,7 +43,8 @@ def common(files):
 
 @pytest.mark.parametrize("kind,obj,pot", [("trf", "dnce", "neural"), ("trf", "augsa", "discrete"),
                                           ("gn", "dnce", "neural"), ("residual", "nce", "mixed"),
-                                          ("alm", "mle", "neural")])
+                                          ("alm", "mle", "neural"), ("electric", "nce", "neural"),
+                                          ("mlm", "mle", "neural")])
 def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys):
     files = write_corpus(tmp_path)
     run = tmp_path / f"run-{kind}-{obj}"
@@ -53,7 +54,7 @@ def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys
     res = json.loads((run / "results.json").read_text())
     assert res["kind"] == kind and res["steps"] == 6
     assert math.isfinite(res["test"]["loss"]) and res["test"]["sentences"] == 50
-    if kind != "alm":
+    if kind not in ("alm", "electric", "mlm"):
         assert len(res["is_log_normalizers"]["estimate"]) == (9 if kind == "trf" else 1)
     scorer = ELMScorer(run, device="cpu")
     scores = scorer(["the cat sat", "cat the sat on a mat the dog ran on the mat", ""])

@@ -10,7 +10,11 @@ Model kinds (``model.kind``, monograph §3.2–3.3):
 * ``gn``: :class:`~seqebm.models.elm.GNELM` trained by DNCE (one learned log Z);
 * ``residual``: :class:`~seqebm.models.elm.ResidualELM` on a base LSTM LM pre-trained for
   ``objective.noise_pretrain_steps`` steps, then NCE against it (``nce``);
-* ``alm``: the LSTM sentence LM alone, trained by MLE (``mle``): the autoregressive baseline.
+* ``alm``: the LSTM sentence LM alone, trained by MLE (``mle``): the autoregressive baseline;
+* ``electric``: the energy-based cloze model (§3.4) with its two-tower noise, trained jointly by the
+  one-pass NCE loss Eq. 3.18 (``nce``); sentences are scored by its one-pass pseudo-log-likelihood;
+* ``mlm``: a masked LM (``mle``), scored by its |x|-pass pseudo-log-likelihood (the comparison point
+  of Electric).
 
 Potentials (``model.potential``): ``neural`` (``model.arch``: cnn, blstm_cnn, transformer or
 sum_inner_product), ``discrete`` (n-gram features of ``model.feature_types`` up to
@@ -44,8 +48,10 @@ from seqebm.training.config import OptimConfig, TrainerConfig
 
 __all__ = ["ElmConfig", "build_elm", "run_elm", "importance_log_normalizers", "ELMScorer", "sentence_log_probs"]
 
-KINDS = ("trf", "gn", "residual", "alm")
-OBJECTIVES = {"trf": ("dnce", "augsa"), "gn": ("dnce",), "residual": ("nce",), "alm": ("mle",)}
+KINDS = ("trf", "gn", "residual", "alm", "electric", "mlm")
+OBJECTIVES = {"trf": ("dnce", "augsa"), "gn": ("dnce",), "residual": ("nce",), "alm": ("mle",), "electric": ("nce",),
+              "mlm": ("mle",)}
+CLOZE = ("electric", "mlm")  # scored by pseudo-log-likelihood: no normaliser, perplexity not defined
 
 
 @dataclass
@@ -164,11 +170,53 @@ def _potential(cfg: ElmConfig, vocab: WordVocabulary, train_ids: list[list[int]]
     return parts[0] if len(parts) == 1 else MixedPotential(*parts)
 
 
+class ElectricPair(nn.Module):
+    """Electric and its two-tower cloze noise, trained together (one module for the trainer)."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, max_len: int) -> None:
+        super().__init__()
+        from seqebm.models.electric import Electric, TwoTowerCloze
+
+        self.electric = Electric(vocab_size, d_model=d_model, n_layers=n_layers, max_len=max_len)
+        self.noise = TwoTowerCloze(vocab_size, d_model=d_model, n_layers=n_layers, max_len=max_len)
+
+
+class ClozeObjective(nn.Module):
+    """Trainer adapter: Electric's NCE (Eq. 3.18, noise MLE included) or a masked LM's MLM loss.
+    Sentences of one word are left out (Eq. 3.18 needs a positive besides the k = 1 noise position)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from seqebm.objectives.electric import ElectricNCELoss
+
+        self.nce = ElectricNCELoss(variant="efficient")
+
+    def forward(self, model: nn.Module, batch, *, step: int | None = None, generator=None):
+        from seqebm.objectives.base import ObjectiveOutput
+
+        keep = batch.mask.sum(1) >= 2
+        tokens, mask = batch.tokens[keep], batch.mask[keep]
+        n = float(len(batch))
+        if isinstance(model, ElectricPair):
+            out = self.nce(model.electric, model.noise, tokens, mask, generator=generator)
+            return ObjectiveOutput(out["loss"], {"nce_sum": out["nce"].detach() * n,
+                                                 "noise_mle_sum": out["noise_mle"].detach() * n, "tokens": n})
+        loss = model.mlm_loss(tokens, mask, generator=generator)
+        return ObjectiveOutput(loss, {"mlm_sum": loss.detach() * n, "tokens": n})
+
+
 def build_elm(cfg: ElmConfig, vocab: WordVocabulary, train: list[list[str]]) -> tuple[nn.Module, nn.Module]:
     """(model, objective) for ``cfg``; the potential's discrete features are built from ``train``."""
     from seqebm.objectives import trf as obj
 
     o, v = cfg.objective, len(vocab)
+    if cfg.model.kind == "electric":
+        return ElectricPair(v, cfg.model.d_model, cfg.model.n_layers, cfg.data.max_length + 1), ClozeObjective()
+    if cfg.model.kind == "mlm":
+        from seqebm.models.masked_lm import MaskedLM
+
+        return MaskedLM(v, d_model=cfg.model.d_model, n_layers=cfg.model.n_layers,
+                        max_len=cfg.data.max_length + 1), ClozeObjective()
     if cfg.model.kind == "alm":
         return _sentence_lm(cfg, v), obj.SentenceMLELoss()
     ids = [vocab.encode(s) for s in train]
@@ -235,6 +283,10 @@ def sentence_log_probs(model: nn.Module, batch, *, clamp_length: bool = False) -
     tokens, mask = batch.tokens, batch.mask
     if isinstance(model, BoundedSentenceLM):
         return model.log_prob(tokens, mask).double()
+    if isinstance(model, ElectricPair):
+        return model.electric.score(tokens, mask).double()
+    if type(model).__name__ == "MaskedLM":
+        return model.pseudo_log_likelihood(tokens, mask).double()
     if isinstance(model, TRFLM):
         lengths = mask.sum(1)
         if clamp_length:
@@ -368,7 +420,7 @@ def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     model.to(device)
     objective.to(device)
     source = SentenceBatchSource(text["train"], vocab, cfg.data.batch_size, seed=cfg.data.seed)
-    lm = auxiliary_lm(model, objective)
+    lm = auxiliary_lm(model, objective) if cfg.model.kind not in CLOZE else None
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[seqebm] {cfg.name}: {cfg.model.kind} ({cfg.model.potential}) by {cfg.objective.name}, "
         f"{len(text['train'])} training sentences, vocab {len(vocab)}, params={n_params / 1e6:.2f}M")
@@ -394,7 +446,7 @@ def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                                "train_time_s": state["elapsed_s"], "lm_pretrain_final_nll": pre}
     for split in ("valid", "test"):
         results[split] = evaluate_split(model, text[split], vocab, cfg.data.max_length, device)
-    if cfg.model.kind != "alm":
+    if cfg.model.kind not in ("alm", *CLOZE):
         g = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 17)
         log_z, se = importance_log_normalizers(model, lm.eval(), cfg.eval.is_samples, generator=g)
         results["is_log_normalizers"] = {"estimate": log_z.tolist(), "stderr": se.tolist()}
