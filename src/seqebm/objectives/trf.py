@@ -91,7 +91,7 @@ class ExactMLELoss(nn.Module):
         loss = -ll.mean()
         if self.l2:
             loss = loss + 0.5 * self.l2 * sum((p.double() ** 2).sum() for p in model.potential.parameters()) / n
-        return ObjectiveOutput(loss, {"nll_sum": -ll.detach().sum(), "tokens": float(n)})
+        return ObjectiveOutput(loss, {"sentence_nll_sum": -ll.detach().sum(), "tokens": float(n)})
 
 
 class AugSALoss(nn.Module):
@@ -260,7 +260,7 @@ class SentenceMLELoss(nn.Module):
                 generator: torch.Generator | None = None) -> ObjectiveOutput:
         tokens, mask = sentence_batch(batch)
         ll = model.log_prob(tokens, mask)
-        return ObjectiveOutput(-ll.mean(), {"nll_sum": -ll.detach().sum(), "tokens": float(tokens.shape[0])})
+        return ObjectiveOutput(-ll.mean(), {"sentence_nll_sum": -ll.detach().sum(), "tokens": float(tokens.shape[0])})
 
 
 class ResidualNCELoss(nn.Module):
