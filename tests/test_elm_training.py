@@ -59,6 +59,11 @@ def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys
     scorer = ELMScorer(run, device="cpu")
     scores = scorer(["the cat sat", "cat the sat on a mat the dog ran on the mat", ""])
     assert scores.shape == (3,) and torch.isfinite(scores[:2]).all() and scores[2] == float("-inf")
+    # out-of-vocabulary words pay the penalty once each (no word type is folded into <unk> here: 0)
+    plain = ELMScorer(run, device="cpu", unk_penalty=0.0)(["the zebra gnu sat"])
+    assert ELMScorer(run, device="cpu", unk_penalty=2.5)(["the zebra gnu sat"]).item() == pytest.approx(
+        plain.item() - 5.0, abs=1e-6)
+    assert scorer.unk_penalty == 0.0
     # resuming a finished run changes nothing and still evaluates
     assert main(args[:4] + ["--resume", *args[4:]]) == 0
 

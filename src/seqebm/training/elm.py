@@ -413,7 +413,8 @@ def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     vocab = WordVocabulary.build(text["train"], min_count=cfg.data.min_count, max_size=cfg.data.max_vocab)
-    atomic_write_text(run_dir / "vocab.json", json.dumps(vocab.to_dict()))
+    unk_types = len({w for s in text["train"] for w in s if w not in vocab})  # word types folded into <unk>
+    atomic_write_text(run_dir / "vocab.json", json.dumps({**vocab.to_dict(), "unk_types": unk_types}))
     if cfg.model.potential in ("discrete", "mixed"):  # the feature table is rebuilt from this text on reload
         atomic_write_text(run_dir / "potential_text.json", json.dumps(text["train"]))
     model, objective = build_elm(cfg, vocab, text["train"])
@@ -483,14 +484,28 @@ class ELMScorer:
 
     Hypotheses are split on whitespace and mapped to the run's vocabulary; a TRF scores sentences
     longer than its m with the length prior and ζ of length m.
+
+    Out-of-vocabulary words: the model gives ``<unk>`` the mass of every training word type left out
+    of its vocabulary, so a misspelt hypothesis word would look as likely as a frequent class of
+    rare words. ``unk_penalty`` (default: log of that number of types, stored by the run) is
+    subtracted per ``<unk>``, spreading the mass evenly over those types — the usual correction
+    that makes scores over different vocabularies comparable (an n-gram LM's unknown-word
+    probability plays the same role).
     """
 
-    def __init__(self, run_dir: str | Path, *, device: str = "auto", batch_size: int = 64) -> None:
+    def __init__(self, run_dir: str | Path, *, device: str = "auto", batch_size: int = 64,
+                 unk_penalty: float | None = None) -> None:
         from seqebm.training.distributed import resolve_device
 
         self.device = resolve_device(device)
         self.cfg, self.vocab, self.model = _restore_run(Path(run_dir), self.device)
         self.batch_size, self.run_dir = batch_size, str(run_dir)
+        if unk_penalty is None:
+            types = json.loads((Path(run_dir) / "vocab.json").read_text(encoding="utf-8")).get("unk_types", 1)
+            unk_penalty = math.log(max(1, int(types)))
+        if unk_penalty < 0:
+            raise ValueError(f"unk_penalty must be >= 0, got {unk_penalty}")
+        self.unk_penalty = float(unk_penalty)
 
     def __call__(self, texts) -> Tensor:
         texts = list(texts)
@@ -503,7 +518,8 @@ class ELMScorer:
             b = encode_sentences([texts[i].split() for i in idx], self.vocab).to(self.device)
             if not isinstance(self.model, TRFLM):
                 b.tokens, b.mask = b.tokens[:, : self.cfg.data.max_length], b.mask[:, : self.cfg.data.max_length]
-            out[idx] = sentence_log_probs(self.model, b, clamp_length=True).cpu()
+            unk = ((b.tokens == self.vocab.unk_id) & b.mask).sum(1).double().cpu()
+            out[idx] = sentence_log_probs(self.model, b, clamp_length=True).cpu() - self.unk_penalty * unk
         return out
 
     def __repr__(self) -> str:
