@@ -137,13 +137,17 @@ class TransformerLM(nn.Module):
         return KVCache.empty(self.n_layers, batch_size, self.n_heads, capacity,
                              self.d_model // self.n_heads, device, dtype)
 
-    def step(self, tokens: Tensor, state: KVCache | SharedPrefixCache) -> tuple[Tensor, KVCache | SharedPrefixCache]:
+    def step(self, tokens: Tensor, state: KVCache | SharedPrefixCache, *, last_only: bool = False
+             ) -> tuple[Tensor, KVCache | SharedPrefixCache]:
         """Logits (B, S, V) for ``tokens`` (B, S) appended after the cached positions.
 
-        The cache is updated in place and returned.
+        The cache is updated in place and returned. With ``last_only`` only the last position's
+        logits (B, 1, V) are projected (samplers that feed a whole prefix need no others).
         """
         h, state = self.step_features(tokens, state)
-        return self._project_small(h), state
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h), state
 
     def step_features(self, tokens: Tensor, state: KVCache | SharedPrefixCache
                       ) -> tuple[Tensor, KVCache | SharedPrefixCache]:
@@ -158,17 +162,6 @@ class TransformerLM(nn.Module):
             x = block(x, cache=state, layer=i)
         state.length += tokens.shape[1]
         return self.ln_f(x), state
-
-    def _project_small(self, h: Tensor) -> Tensor:
-        """Output logits for few rows (decoding): ``(W @ h^T)^T``, same values as ``self.head(h)``.
-
-        For small row counts CPU BLAS runs the (V, D) x (D, M) product about 2x faster than the
-        (M, D) x (D, V) product that ``nn.Linear`` issues (measured at M=64, V=8000, D=256).
-        """
-        b, t, d = h.shape
-        if b * t > 512 or h.device.type != "cpu":
-            return self.head(h)
-        return (self.head.weight @ h.reshape(b * t, d).t()).t().contiguous().view(b, t, -1)
 
     def select_state(self, state: KVCache | SharedPrefixCache, index: Tensor) -> KVCache:
         return state.select(index)

@@ -11,7 +11,8 @@ Two densities are returned for every sampled token, because importance weights n
   sampler can produce (tested by enumeration).
 * ``log_p``: the model's raw, untruncated log-probability at temperature 1.
 
-Shared prefixes: each prefix is encoded once (one ``step`` over P tokens for the B prefixes).
+Shared prefixes: each prefix is encoded once (one ``step`` over P tokens for the B prefixes;
+models whose ``step`` takes ``last_only`` project only the last position onto the vocabulary).
 Models with ``share_state`` (the Transformer LM) then keep one copy of each prefix's keys and
 values for its K samples; other models gather the state K times with ``select_state`` (copied,
 not recomputed). With ``max_batch_tokens`` the N rows are generated in chunks whose
@@ -114,7 +115,8 @@ def sample(
     uniforms = torch.rand(n, max_new_tokens, generator=generator, dtype=torch.float64,
                           device=generator.device if generator is not None else "cpu").to(device)
     state = model.init_state(b, device, **context, **kw)
-    logits, state = model.step(prefix, state)
+    step_kw = {"last_only": True} if _accepts(model.step, "last_only") else {}
+    logits, state = model.step(prefix, state, **step_kw)
     first = logits[:, -1]  # (B, V): next-token logits after each prefix
     # Models that can share a prefix state (one stored copy per prefix) get chunks of whole groups.
     share = num_samples > 1 and hasattr(model, "share_state") and rows_per_chunk >= num_samples
@@ -127,9 +129,13 @@ def sample(
         if share:
             groups = torch.arange(start // num_samples, (int(rows[-1]) // num_samples) + 1, device=device)
             chunk_state = model.share_state(model.select_state(state, groups), num_samples)
+            chunk_first = first.index_select(0, owner)
+        elif num_samples == 1 and rows_per_chunk >= n:  # one chunk holding every row in order:
+            chunk_state, chunk_first = state, first  # the state is not used afterwards, no copy
         else:
             chunk_state = model.select_state(state, owner)
-        outs.append(_generate_rows(model, chunk_state, first.index_select(0, owner),
+            chunk_first = first.index_select(0, owner)
+        outs.append(_generate_rows(model, chunk_state, chunk_first,
                                    owner, uniforms.index_select(0, rows), min_new_tokens, temperature,
                                    top_k, top_p, eos_id, pad_id))
     return SampleOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in
@@ -137,9 +143,13 @@ def sample(
 
 
 def _accepts_capacity(model: nn.Module) -> bool:
+    return _accepts(model.init_state, "capacity")
+
+
+def _accepts(fn: Any, name: str) -> bool:
     import inspect
 
-    return "capacity" in inspect.signature(model.init_state).parameters
+    return name in inspect.signature(fn).parameters
 
 
 def proposal_log_probs(logits: Tensor, *, step: int, min_new_tokens: int, temperature: float,
