@@ -69,11 +69,13 @@ ASR_PREFIXES = ("asr-",)  # `seqebm asr` recipes (AsrConfig); the rest are `seqe
 def test_every_shipped_config_loads(path):
     from seqebm.training.asr import AsrConfig
     from seqebm.training.elm import ElmConfig
+    from seqebm.training.jem import JemConfig
+    from seqebm.training.jrf import SslConfig
     from seqebm.training.tagging import TaggingConfig
 
-    cls = (TaggingConfig if path.name.startswith(TAGGING_PREFIXES) else AsrConfig
-           if path.name.startswith(ASR_PREFIXES) else ElmConfig if path.name.startswith("elm-")
-           else ExperimentConfig)
+    by_prefix = {TAGGING_PREFIXES: TaggingConfig, ASR_PREFIXES: AsrConfig, ("elm-",): ElmConfig,
+                 ("jem-",): JemConfig, ("ssl-",): SslConfig}
+    cls = next((c for pre, c in by_prefix.items() if path.name.startswith(pre)), ExperimentConfig)
     cfg = load_config(cls, path)
     assert cfg.name != cls().name  # each recipe names its runs
     if cls is not ExperimentConfig:  # compare tables are keyed by the file stem: keep name and file in step

@@ -340,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.training.elm import register_elm_train_command
 
     register_elm_train_command(elm_sub)  # seqebm elm train
+    from seqebm.training.jem import register_jem_commands
+    from seqebm.training.jrf import register_ssl_commands
+
+    register_jem_commands(sub)  # seqebm jem train|compare
+    register_ssl_commands(sub)  # seqebm ssl train|compare
     return p
 
 
