@@ -138,6 +138,30 @@ def test_config_validation(tmp_path, tiny) -> None:
     assert not (tmp_path / "r").exists()  # checked before the run folder is made
 
 
+def test_pretraining_uses_no_labels_then_only_labels(tmp_path, tiny, monkeypatch) -> None:
+    """objective.pretrain_steps (§5.4): p(x) alone first, then p(y|x) alone; selection after pre-training."""
+    from seqebm.objectives.jem import JEMLoss
+
+    calls, forward = [], JEMLoss.forward
+
+    def spy(self, model, lx, ly, ux, generator=None):
+        calls.append((lx is None, ux is None, self.alpha_d, self.alpha_g))
+        return forward(self, model, lx, ly, ux, generator=generator)
+
+    monkeypatch.setattr(JEMLoss, "forward", spy)
+    cfg = load_config(JemConfig, ROOT / "configs" / "jem-digits-pretrain.yaml",
+                      tiny + ["data.num_labels=20", "objective.pretrain_steps=3", "eval.sample_steps=0"])
+    res = run_jem(cfg, tmp_path / "pre", log=lambda *a: None)
+    assert res["kind"] == "pretrain" and res["best_step"] == 6 and _finite(res)
+    assert calls == [(True, False, 0.0, 1.0)] * 3 + [(False, True, 1.0, 0.0)] * 3
+    assert "pre-training" in (tmp_path / "pre" / "report.md").read_text()
+    for bad, msg in (("objective.pretrain_steps=6", "no step would be left"), ("objective.pretrain_steps=-1", ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            load_config(JemConfig, None, tiny + [bad])
+    with pytest.raises(ValueError, match="needs alpha_g > 0"):
+        load_config(JemConfig, None, tiny + ["objective.pretrain_steps=2", "objective.alpha_g=0"])
+
+
 def test_balanced_subset_and_ood_sets() -> None:
     labels = torch.arange(10).repeat(30)[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
     idx = balanced_subset(labels, 25, seed=3)

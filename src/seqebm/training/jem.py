@@ -96,6 +96,9 @@ class JemObjectiveConfig:
     energy_reg: float = 0.1  # λ (mean U_data² + mean U_model²)
     data_noise: float = 0.03  # std of the noise added to the data batch of the generative term
     grad_clip: float | None = None  # max L2 norm of each chain's ∇_x U
+    # EBM pre-training (§5.4): the first pretrain_steps steps train p(x) alone (α_d = 0) on all training
+    # digits, the rest fine-tune the classifier alone (α_g = 0, fresh Adam) on the labeled ones; 0 = off
+    pretrain_steps: int = 0
 
     def __post_init__(self) -> None:
         for k in ("alpha_d", "alpha_g", "energy_reg", "data_noise"):
@@ -107,6 +110,10 @@ class JemObjectiveConfig:
         _need(0 <= self.reinit_prob <= 1, f"objective.reinit_prob must lie in [0, 1], got {self.reinit_prob}")
         _need(self.grad_clip is None or self.grad_clip > 0, f"objective.grad_clip must be > 0, got {self.grad_clip}")
         _need(self.alpha_g == 0 or self.sgld_steps >= 1, "objective.sgld_steps must be >= 1 when alpha_g > 0")
+        _need(self.pretrain_steps >= 0, f"objective.pretrain_steps must be >= 0, got {self.pretrain_steps}")
+        _need(self.pretrain_steps == 0 or (self.alpha_g > 0 and self.alpha_d > 0),
+              "objective.pretrain_steps > 0 needs alpha_g > 0 (the pre-training weight) and alpha_d > 0 (the "
+              "fine-tuning weight)")
 
 
 @dataclass
@@ -157,6 +164,8 @@ class JemConfig:
         _need(ob.alpha_g == 0 or ob.buffer_size >= self.optim.unlabeled_batch,
               f"objective.buffer_size ({ob.buffer_size}) must be >= optim.unlabeled_batch "
               f"({self.optim.unlabeled_batch}), the number of chains advanced per step")
+        _need(ob.pretrain_steps < self.optim.steps, f"objective.pretrain_steps ({ob.pretrain_steps}) must be "
+              f"below optim.steps ({self.optim.steps}): no step would be left to fine-tune")
 
 
 def check_label_budget(cfg: JemConfig, n_train: int) -> None:
@@ -274,7 +283,8 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     x_test, y_test = digits_to_inputs(data.test), data.test_labels
     lab = balanced_subset(y_train, cfg.data.num_labels, cfg.seed)
     x_lab, y_lab = x_train[lab], y_train[lab]
-    generative, kind = ob.alpha_g > 0, ("jem" if ob.alpha_g > 0 else "supervised")
+    generative = ob.alpha_g > 0
+    kind = "pretrain" if ob.pretrain_steps else "jem" if generative else "supervised"
     torch.manual_seed(cfg.seed)
     model = JointEnergyClassifier(digits_classifier(cfg.model.hidden, arch=cfg.model.arch, depth=cfg.model.depth))
     loss_fn = JEMLoss(alpha_d=ob.alpha_d, alpha_g=ob.alpha_g, sgld_steps=ob.sgld_steps, step_size=ob.step_size,
@@ -306,7 +316,15 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     for step in range(state["step"] + 1, o.steps + 1):
         il = torch.randint(len(lab), (o.labeled_batch,), generator=gen)
         xu = x_train[torch.randint(len(x_train), (o.unlabeled_batch,), generator=gen)] if generative else None
-        out = loss_fn(model, x_lab[il], y_lab[il], xu, generator=gen)
+        if ob.pretrain_steps:  # phase 1: p(x) alone; phase 2: p(y|x) alone, with a fresh optimiser
+            pre = step <= ob.pretrain_steps
+            loss_fn.alpha_d, loss_fn.alpha_g = (0.0, ob.alpha_g) if pre else (ob.alpha_d, 0.0)
+            if step == ob.pretrain_steps + 1:
+                opt = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+            out = loss_fn(model, None if pre else x_lab[il], None if pre else y_lab[il], xu if pre else None,
+                          generator=gen)
+        else:
+            out = loss_fn(model, x_lab[il], y_lab[il], xu, generator=gen)
         if not torch.isfinite(out.loss):
             state["diverged_at"] = step
             log(f"[seqebm] {cfg.name}: the loss is not finite at step {step}; stopping with the best weights so far")
@@ -324,7 +342,9 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             sums = {}
             val = _cls_metrics(_logits(model, x_val), y_val, ev.num_bins, calibration=False)
             key = [val["accuracy"], -val["nll"]]
-            if state["best_key"] is None or key > state["best_key"]:
+            if step <= ob.pretrain_steps:  # labels are not used yet: select among fine-tuned weights only
+                pass
+            elif state["best_key"] is None or key > state["best_key"]:
                 state.update(best_key=key, best_step=step)
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             state.update(step=step, elapsed_s=time.perf_counter() - t_start)
@@ -332,7 +352,8 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                 fh.write(json.dumps({"split": "train", "step": step, **train}) + "\n")
                 fh.write(json.dumps({"split": "valid", "step": step, "ce": val["nll"], **val}) + "\n")
             _save_state(run_dir, model, opt, loss_fn, gen, state, best)
-            bar.set_postfix(valid_acc=f"{val['accuracy']:.3f}", best=f"{state['best_key'][0]:.3f}")
+            bar.set_postfix(valid_acc=f"{val['accuracy']:.3f}",
+                            best=f"{state['best_key'][0]:.3f}" if state["best_key"] else "-")
     bar.close()
     if state["diverged_at"] is not None:
         state["elapsed_s"] = time.perf_counter() - t_start
@@ -387,6 +408,10 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     return results
 
 
+_KIND_TITLES = {"jem": "JEM (§5.2, Eq. 5.4)", "supervised": "supervised baseline",
+                "pretrain": "EBM pre-training then fine-tuning (§5.4)"}
+
+
 def _report(cfg: JemConfig, r: dict[str, Any]) -> str:
     from seqebm.eval.run_tables import markdown_table
     def row(name: str, m: dict[str, float], sfx: str = "") -> list[str]:
@@ -394,7 +419,7 @@ def _report(cfg: JemConfig, r: dict[str, Any]) -> str:
         return [name, acc, f"{m['nll' + sfx]:.3f}", *(f"{100 * m[k + sfx]:.2f}" for k in ("ece", "ece_classwise"))]
 
     t = r["test"]
-    lines = [f"# {cfg.name}: {'JEM (§5.2, Eq. 5.4)' if r['kind'] == 'jem' else 'supervised baseline'} on digits", "",
+    lines = [f"# {cfg.name}: {_KIND_TITLES[r['kind']]} on digits", "",
              f"{r['num_labels']} labeled training digits (per class {r['labeled_per_class']}), "
              f"{r['num_unlabeled']} unlabeled; seed {cfg.seed}; "
              f"{r['steps']} of {r['steps_planned']} steps, best validation step {r['best_step']}; "
