@@ -44,3 +44,10 @@ def build_model(arch: str, vocab_size: int, *, d_model: int = 256, n_layers: int
             raise ValueError("model.arch=hf needs model.hf_path (a local folder with config.json)")
         return HFCausalLM.from_pretrained(hf_path)
     raise ValueError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+# Experts for controlled generation (monograph §4.4.2, Eq. 4.36); lexical experts in seqebm.models.experts_text.
+from seqebm.models.experts import (ARFluencyEnergy, AttributeEnergy, MLMFluencyEnergy, ProductOfExperts,  # noqa: E402
+                                   build_product_of_experts)
+
+__all__ += ["ARFluencyEnergy", "AttributeEnergy", "MLMFluencyEnergy", "ProductOfExperts", "build_product_of_experts"]

@@ -20,3 +20,8 @@ __all__ = ["AutoregressiveNoise", "ContrastiveDivergenceLoss", "DNCELoss", "Deno
            "GaussianNoise", "NCELoss", "NoiseDistribution", "ObjectiveOutput", "SAResult", "ScheduledSamplingLoss",
            "TeacherForcingLoss", "UniformSequenceNoise", "ebm_data", "model_score", "nce_logits", "robbins_monro",
            "snis_step_weights", "step_coefficients", "stochastic_approximation", "teacher_forcing_ratio", "unwrap"]
+
+# Distributional control (GDC-style, monograph §4.4.2 on ref. [72]).
+from seqebm.objectives.distributional import DPGLoss, DistributionalTarget, fit_lambda  # noqa: E402
+
+__all__ += ["DPGLoss", "DistributionalTarget", "fit_lambda"]

@@ -42,3 +42,9 @@ __all__ = ["BeamOutput", "ContinuousMCMCResult", "MCMCResult", "PersistentChains
            "generate", "gibbs", "gibbs_kernel", "hmc", "hmc_kernel", "inverse_cdf", "langevin", "langevin_kernel",
            "metropolis_hastings", "metropolis_independence", "metropolis_kernel", "polynomial_step_sizes",
            "proposal_log_probs", "sample", "sequence_log_prob", "sgld", "token_log_probs"]
+
+# Controlled generation from products of experts (monograph §4.4.2): MH-MLM, COLD, SNIS.
+from seqebm.sampling.controlled import (ColdResult, MHMLMResult, SNISResult, cold_decode,  # noqa: E402
+                                        guided_discretize, mh_mlm, snis_generate)
+
+__all__ += ["ColdResult", "MHMLMResult", "SNISResult", "cold_decode", "guided_discretize", "mh_mlm", "snis_generate"]
