@@ -71,10 +71,11 @@ def test_every_shipped_config_loads(path):
     from seqebm.training.elm import ElmConfig
     from seqebm.training.jem import JemConfig
     from seqebm.training.jrf import SslConfig
+    from seqebm.training.nlu import NluConfig
     from seqebm.training.tagging import TaggingConfig
 
     by_prefix = {TAGGING_PREFIXES: TaggingConfig, ASR_PREFIXES: AsrConfig, ("elm-",): ElmConfig,
-                 ("jem-",): JemConfig, ("ssl-",): SslConfig}
+                 ("jem-",): JemConfig, ("ssl-",): SslConfig, ("nlu-",): NluConfig}
     cls = next((c for pre, c in by_prefix.items() if path.name.startswith(pre)), ExperimentConfig)
     cfg = load_config(cls, path)
     assert cfg.name != cls().name  # each recipe names its runs

@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_jem_commands(sub)  # seqebm jem train|compare
     register_ssl_commands(sub)  # seqebm ssl train|compare
+    from seqebm.training.nlu import register_nlu_commands
+
+    register_nlu_commands(sub)  # seqebm nlu train|compare
     return p
 
 
