@@ -492,31 +492,12 @@ def compare_jem(configs: list[str | Path], seeds: list[int], label_counts: list[
 
 def register_jem_commands(subparsers) -> None:
     """``seqebm jem train`` and ``seqebm jem compare`` on the given (top-level) subparsers."""
+    from seqebm.training.commands import add_train_compare_commands
 
-    def _cmd(args) -> int:
-        if args.action == "compare":
-            compare_jem(args.configs, args.seeds, args.labels, args.out, args.overrides)
-            return 0
-        if args.resume and not (args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()):
-            raise FileNotFoundError(f"cannot resume: no config.yaml in {args.run_dir}")
-        cfg = load_config(JemConfig, Path(args.run_dir) / "config.yaml" if args.resume else args.config,
-                          args.overrides)
-        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_jem(cfg, run_dir, resume=args.resume)
-        print(f"[seqebm] report: {run_dir / 'report.md'}")
-        return 0
-
-    j = subparsers.add_parser("jem", help="JEM on digits (§5.2): semi-supervised training, calibration, OOD, samples")
-    js = j.add_subparsers(dest="action", required=True)
-    t = js.add_parser("train", help="train one JEM or supervised digits classifier (configs/jem-digits*.yaml)")
-    t.add_argument("--config")
-    t.add_argument("--run-dir", help="output folder (must not exist unless --resume)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    c = js.add_parser("compare", help="configs x label counts x seeds; a mean ± std table")
-    c.add_argument("--configs", nargs="+", required=True)
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--labels", nargs="+", type=int, default=[50, 100])
-    c.add_argument("--out", required=True, help="output folder (re-running reuses finished runs)")
-    for q in (t, c):
-        q.add_argument("overrides", nargs="*", help="dotted overrides (compare: for every config), e.g. optim.lr=3e-4")
-        q.set_defaults(func=_cmd)
+    add_train_compare_commands(
+        subparsers, "jem", "JEM on digits (§5.2): semi-supervised training, calibration, OOD, samples",
+        config_cls=JemConfig, run=run_jem,
+        compare=lambda a: compare_jem(a.configs, a.seeds, a.labels, a.out, a.overrides),
+        train_help="train one JEM, pre-trained or supervised digits classifier (configs/jem-digits*.yaml)",
+        compare_help="configs x label counts x seeds; a mean ± std table", compare_axis=("labels", int, [50, 100]),
+        override_example="optim.lr=3e-4")

@@ -520,30 +520,12 @@ def compare_ssl(configs: list[str | Path], seeds: list[int], fractions: list[flo
 
 def register_ssl_commands(subparsers) -> None:
     """``seqebm ssl train`` and ``seqebm ssl compare`` on the given (top-level) subparsers."""
+    from seqebm.training.commands import add_train_compare_commands
 
-    def _cmd(args) -> int:
-        if args.action == "compare":
-            compare_ssl(args.configs, args.seeds, args.fractions, args.out, args.overrides)
-        else:  # --resume reads the run's own config.yaml (a missing one raises FileNotFoundError)
-            cfg = load_config(SslConfig, Path(args.run_dir or ".") / "config.yaml" if args.resume else args.config,
-                              args.overrides)
-            run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_ssl(cfg, run_dir, resume=args.resume)
-            print(f"[seqebm] report: {run_dir / 'report.md'}")
-        return 0
-
-    p = subparsers.add_parser("ssl", help="semi-supervised tagging (§5.3-5.4): CRF, self-training, EBM pre-training, "
-                                          "JRF joint training")
-    ps = p.add_subparsers(dest="action", required=True)
-    t = ps.add_parser("train", help="train one tagger (configs/ssl-pos-*.yaml)")
-    t.add_argument("--config")
-    t.add_argument("--run-dir", help="output folder (must not exist unless --resume)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    c = ps.add_parser("compare", help="configs x labelled fractions x seeds; a mean ± std table")
-    c.add_argument("--configs", nargs="+", required=True)
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--fractions", nargs="+", type=float, default=[0.02, 0.1])
-    c.add_argument("--out", required=True, help="output folder (re-running reuses finished runs)")
-    for q in (t, c):
-        q.add_argument("overrides", nargs="*", help="dotted overrides (compare: for every config), e.g. optim.lr=1e-3")
-        q.set_defaults(func=_cmd)
+    add_train_compare_commands(
+        subparsers, "ssl", "semi-supervised tagging (§5.3-5.4): CRF, self-training, EBM pre-training, JRF joint "
+                           "training", config_cls=SslConfig, run=run_ssl,
+        compare=lambda a: compare_ssl(a.configs, a.seeds, a.fractions, a.out, a.overrides),
+        train_help="train one tagger (configs/ssl-pos-*.yaml)",
+        compare_help="configs x labelled fractions x seeds; a mean ± std table",
+        compare_axis=("fractions", float, [0.02, 0.1]), override_example="optim.lr=1e-3")

@@ -568,30 +568,10 @@ def compare_nlu(configs: list[str | Path], seeds: list[int], out_dir: str | Path
 
 def register_nlu_commands(subparsers) -> None:
     """``seqebm nlu train`` and ``seqebm nlu compare`` on the given (top-level) subparsers."""
+    from seqebm.training.commands import add_train_compare_commands
 
-    def _cmd(args) -> int:
-        if args.action == "compare":
-            compare_nlu(args.configs, args.seeds, args.out, args.overrides)
-            return 0
-        if args.resume and not (args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()):
-            raise FileNotFoundError(f"cannot resume: no config.yaml in {args.run_dir}")
-        cfg = load_config(NluConfig, Path(args.run_dir) / "config.yaml" if args.resume else args.config,
-                          args.overrides)
-        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_nlu(cfg, run_dir, resume=args.resume)
-        print(f"[seqebm] report: {run_dir / 'report.md'}")
-        return 0
-
-    p = subparsers.add_parser("nlu", help="calibrated NLU (§5.5): encoder + residual EBM, ECE, temperature scaling")
-    ps = p.add_subparsers(dest="action", required=True)
-    t = ps.add_parser("train", help="train one classifier (configs/nlu-*.yaml)")
-    t.add_argument("--config")
-    t.add_argument("--run-dir", help="output folder (must not exist unless --resume)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
-    c = ps.add_parser("compare", help="configs x seeds; a mean ± std table")
-    c.add_argument("--configs", nargs="+", required=True)
-    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    c.add_argument("--out", required=True, help="output folder (re-running reuses finished runs)")
-    for q in (t, c):
-        q.add_argument("overrides", nargs="*", help="dotted overrides (compare: for every config), e.g. optim.lr=3e-5")
-        q.set_defaults(func=_cmd)
+    add_train_compare_commands(
+        subparsers, "nlu", "calibrated NLU (§5.5): encoder + residual EBM, ECE, temperature scaling",
+        config_cls=NluConfig, run=run_nlu, compare=lambda a: compare_nlu(a.configs, a.seeds, a.out, a.overrides),
+        train_help="train one classifier (configs/nlu-*.yaml)", compare_help="configs x seeds; a mean ± std table",
+        override_example="optim.lr=3e-5")
