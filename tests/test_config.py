@@ -68,6 +68,7 @@ ASR_PREFIXES = ("asr-",)  # `seqebm asr` recipes (AsrConfig); the rest are `seqe
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     from seqebm.training.asr import AsrConfig
+    from seqebm.training.controlled import GenerateConfig
     from seqebm.training.elm import ElmConfig
     from seqebm.training.jem import JemConfig
     from seqebm.training.jrf import SslConfig
@@ -75,7 +76,8 @@ def test_every_shipped_config_loads(path):
     from seqebm.training.tagging import TaggingConfig
 
     by_prefix = {TAGGING_PREFIXES: TaggingConfig, ASR_PREFIXES: AsrConfig, ("elm-",): ElmConfig,
-                 ("jem-",): JemConfig, ("ssl-",): SslConfig, ("nlu-",): NluConfig}
+                 ("jem-",): JemConfig, ("ssl-",): SslConfig, ("nlu-",): NluConfig,
+                 ("generate-",): GenerateConfig}
     cls = next((c for pre, c in by_prefix.items() if path.name.startswith(pre)), ExperimentConfig)
     cfg = load_config(cls, path)
     assert cfg.name != cls().name  # each recipe names its runs

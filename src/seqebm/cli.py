@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.training.nlu import register_nlu_commands
 
     register_nlu_commands(sub)  # seqebm nlu train|compare
+    from seqebm.training.controlled import register_generate_command
+
+    register_generate_command(sub)  # seqebm generate [task]
     return p
 
 
