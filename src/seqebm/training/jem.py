@@ -342,9 +342,8 @@ def run_jem(cfg: JemConfig, run_dir: str | Path, *, resume: bool = False, log=pr
             sums = {}
             val = _cls_metrics(_logits(model, x_val), y_val, ev.num_bins, calibration=False)
             key = [val["accuracy"], -val["nll"]]
-            if step <= ob.pretrain_steps:  # labels are not used yet: select among fine-tuned weights only
-                pass
-            elif state["best_key"] is None or key > state["best_key"]:
+            # selection only among fine-tuned weights: pre-training has not used the labels yet
+            if step > ob.pretrain_steps and (state["best_key"] is None or key > state["best_key"]):
                 state.update(best_key=key, best_step=step)
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}
             state.update(step=step, elapsed_s=time.perf_counter() - t_start)
