@@ -138,8 +138,9 @@ def test_missing_run_folder(tmp_path, capsys):
     assert "run folder not found" in err
 
 
-def test_residual_ebm_on_top_of_a_run_trains_resumes_and_reports_bounds(run, corpus, tmp_path):
-    """model.arch=residual: offline negatives, conditional NCE, perplexity bounds; resuming reuses the negatives."""
+def test_residual_ebm_on_top_of_a_run_trains_resumes_and_reports_bounds(run, corpus, tmp_path, capsys):
+    """model.arch=residual: offline negatives, conditional NCE, perplexity bounds; resuming or another energy
+    (data.residual.negatives_dir) reuses the negatives."""
     res = tmp_path / "res"
     args = ["train", "--run-dir", str(res), f"data.corpus={corpus}", "model.arch=residual", f"model.base_run={run}",
             "objective.name=cnce", "data.batch_size=8", "data.residual.prefix_len=8", "data.residual.cont_len=4",
@@ -155,6 +156,19 @@ def test_residual_ebm_on_top_of_a_run_trains_resumes_and_reports_bounds(run, cor
     assert main(["train", "--run-dir", str(res), "--resume", "train.max_steps=6"]) == 0
     assert (res / "negatives" / "train" / "manifest.json").read_text() == manifest
     assert json.loads((res / "results.json").read_text())["steps"] == 6
+
+    # a second energy reuses the first run's negatives (same LM, prefixes, settings) without resampling
+    shard = res / "negatives" / "train" / "shard-00000.safetensors"
+    mtime = shard.stat().st_mtime_ns
+    bit = args[3:]  # everything but "train --run-dir <res>"
+    assert main(["train", "--run-dir", str(tmp_path / "bit"), *bit, "model.energy=bit", "model.d_model=16",
+                 "model.n_layers=1", "model.n_heads=2", f"data.residual.negatives_dir={res / 'negatives'}"]) == 0
+    assert shard.stat().st_mtime_ns == mtime and not (tmp_path / "bit" / "negatives").exists()
+    # other sampling settings against the same folder: refused, nothing mixed in
+    err = _err(capsys, ["train", "--run-dir", str(tmp_path / "bad"), *bit, "data.residual.num_negatives=2",
+                        f"data.residual.negatives_dir={res / 'negatives'}"])
+    assert "different run" in err
+    assert (res / "negatives" / "train" / "manifest.json").read_text() == manifest
 
 
 def test_ralm_baseline_on_top_of_a_run(run, corpus, tmp_path):

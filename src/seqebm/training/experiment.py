@@ -60,6 +60,10 @@ class ResidualDataConfig:
     bound_samples: int = 64  # LM samples per test prefix for the perplexity bounds
     max_eval_rows: int | None = 256  # windows of valid/test (the bounds cost bound_samples each)
     max_train_rows: int | None = None  # cap on training windows (each costs num_negatives LM samples)
+    # where the offline negatives live (default: <run_dir>/negatives). Point several runs (UniT, BiT,
+    # BiT*) over the same base LM and settings at one folder to draw the negatives once: a folder of
+    # other settings is refused by its fingerprint, never mixed in.
+    negatives_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("prefix_len", "cont_len", "num_negatives", "bound_samples"):
@@ -253,7 +257,7 @@ def _residual_task(cfg: ExperimentConfig, run_dir: Path | None):
     return ResidualTask(corpus, tok, lm, run_dir=run_dir, prefix_len=r.prefix_len, cont_len=r.cont_len,
                         num_negatives=r.num_negatives, top_k=r.top_k, batch_size=d.batch_size, seed=cfg.train.seed,
                         bound_samples=r.bound_samples, max_rows=rows, eval_batch_size=d.eval_batch_size,
-                        progress=cfg.train.progress)
+                        progress=cfg.train.progress, negatives_dir=r.negatives_dir)
 
 
 def _oracle_task(cfg: ExperimentConfig, run_dir: Path | None):

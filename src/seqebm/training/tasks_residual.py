@@ -85,6 +85,8 @@ class ResidualTask:
         tokenizer: the base LM's tokenizer.
         lm: the frozen base LM (used to draw the negatives and for the bounds).
         run_dir: negatives are written under ``run_dir/negatives`` (resume-safe).
+        negatives_dir: write / reuse the negatives there instead (shared by runs of identical LM, prefixes
+            and sampling settings; a folder made with other settings raises ``ValueError``).
         prefix_len, cont_len: P and C.
         num_negatives: n LM samples per training / validation prefix (the seed: 16 or 128).
         top_k: top-k of the LM samples (None: the untruncated LM).
@@ -98,18 +100,18 @@ class ResidualTask:
     def __init__(self, corpus: Any, tokenizer: Tokenizer, lm: nn.Module, *, run_dir: Path | None, prefix_len: int = 32,
                  cont_len: int = 16, num_negatives: int = 16, top_k: int | None = None, batch_size: int = 32,
                  seed: int = 0, bound_samples: int = 64, max_rows: dict[str, int | None] | None = None,
-                 eval_batch_size: int = 64, progress: bool = True) -> None:
+                 eval_batch_size: int = 64, progress: bool = True, negatives_dir: str | Path | None = None) -> None:
         self.tokenizer, self.lm, self.vocab_size = tokenizer, lm, tokenizer.vocab_size
         self.prefix_len, self.cont_len, self.top_k = prefix_len, cont_len, top_k
         self.bound_samples, self.eval_batch_size, self.seed = bound_samples, eval_batch_size, seed
         max_rows = max_rows or {}
         self.rows = {s: windows(tokenizer.encode_batch(corpus.split(s)), prefix_len, cont_len, max_rows.get(s))
                      for s in ("train", "valid", "test")}
-        root = Path(run_dir) / "negatives" if run_dir is not None else None
+        root = Path(negatives_dir) if negatives_dir is not None else Path(run_dir) / "negatives" if run_dir is not None else None
         self.stores: dict[str, NegativeStore] = {}
         for split in ("train", "valid"):
             if root is None:
-                raise ValueError("ResidualTask needs a run_dir to store its negatives")
+                raise ValueError("ResidualTask needs a run_dir or a negatives_dir to store its negatives")
             self.stores[split] = generate_negatives(
                 lm, self.rows[split][:, : 1 + prefix_len], root / split, num_per_prefix=num_negatives,
                 max_new_tokens=cont_len, top_k=top_k, seed=seed + (0 if split == "train" else 1),
