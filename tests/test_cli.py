@@ -42,6 +42,11 @@ def test_eval_reproduces_results(run, capsys):
     out = json.loads(capsys.readouterr().out)
     expected = json.loads((run / "results.json").read_text())["test"]["ppl"]
     assert out["test"]["ppl"] == pytest.approx(expected, rel=1e-6)
+    # evaluation settings may be overridden (batching changes nothing); model settings are refused
+    assert main(["eval", "--run-dir", str(run), "--split", "test", "--device", "cpu", "data.eval_batch_size=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["ppl"] == pytest.approx(expected, rel=1e-5)
+    err = _err(capsys, ["eval", "--run-dir", str(run), "--device", "cpu", "model.d_model=8"])
+    assert "data.* or eval.*" in err and "model.d_model=8" in err
 
 
 def test_sample_writes_jsonl(run, tmp_path):

@@ -29,15 +29,24 @@ DEMO_OVERRIDES = [
 ]
 
 
-def _load_run(run_dir: Path, device: str):
-    """Config, task and model (best weights) of an existing run folder."""
+def _load_run(run_dir: Path, device: str, overrides: list[str] | None = None):
+    """Config, task and model (best weights) of an existing run folder.
+
+    ``overrides`` (``data.*`` / ``eval.*`` only: evaluation settings such as
+    ``data.synthetic.oracle_samples`` or ``data.residual.bound_samples``) change how the run is
+    evaluated, never the weights it loads.
+    """
     from seqebm.training.checkpoint import load_model
     from seqebm.training.distributed import resolve_device
     from seqebm.training.trainer import BEST_MODEL
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    cfg = load_config(ExperimentConfig, run_dir / "config.yaml")
+    bad = [o for o in overrides or [] if not o.split("=", 1)[0].startswith(("data.", "eval."))]
+    if bad:
+        raise ValueError(f"evaluation overrides must be data.* or eval.* settings, got {bad}: "
+                         "model, optimiser and training settings are fixed by the trained run")
+    cfg = load_config(ExperimentConfig, run_dir / "config.yaml", overrides or [])
     task = build_task(cfg, run_dir)
     model = build_model_for(cfg, task)
     load_model(model, run_dir / BEST_MODEL)
@@ -58,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _, task, model, dev = _load_run(Path(args.run_dir), args.device)
+    _, task, model, dev = _load_run(Path(args.run_dir), args.device, args.overrides)
     print(json.dumps({s: task.evaluate(model, s, dev) for s in args.split}, indent=2))
     return 0
 
@@ -253,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", required=True)
     e.add_argument("--split", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     e.add_argument("--device", default="auto")
+    e.add_argument("overrides", nargs="*",
+                   help="evaluation settings (data.* / eval.*), e.g. data.synthetic.oracle_samples=10000")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="sample from a trained run")
