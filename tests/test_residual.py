@@ -93,6 +93,13 @@ def test_joint_log_prob_and_position_bounds_bracket_the_exact_values():
     assert abs(float(pos.estimate.mean()) - exact) < abs(float(pos.lower.mean()) - exact)
     last = position_log_prob(model, FULL[i:i + 1], 3, num_samples=n)
     assert float(last.lower) == float(last.upper)  # exact at the last position
+    # sampled bounds at the last position (exact_last=False) bracket the enumerated value on average
+    exact = float(last.lower)
+    est = position_log_prob(model, FULL[i].expand(r, 4), 3, num_samples=n, generator=g, exact_last=False)
+    se_lo, se_up = float(est.lower.std()) / math.sqrt(r), float(est.upper.std()) / math.sqrt(r)
+    assert float(est.lower.mean()) < exact - 3 * se_lo and float(est.upper.mean()) > exact + 3 * se_up
+    many = position_log_prob(model, FULL[i].expand(64, 4), 3, num_samples=4096, generator=g, exact_last=False)
+    assert abs(float(many.estimate.mean()) - exact) < 0.01
 
 
 def test_perplexity_bounds_order():

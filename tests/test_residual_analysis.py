@@ -262,7 +262,11 @@ def test_residual_commands_end_to_end(runs, tmp_path, capsys):
     assert all(p["ppl_lower"] <= p["ppl_upper"] and p["gain_lower"] <= p["gain_upper"] for p in pos)
     assert pos[-1]["exact"] and pos[-1]["ppl_lower"] == pos[-1]["ppl_upper"]
     assert not any(p["exact"] for p in pos[:-1])
+    check = _json(out / "position_gain.json")["last_position_check"]
+    assert check["ppl_exact"] == pytest.approx(pos[-1]["ppl_estimate"]) and check["num_samples"] == 8
+    assert check["ppl_lower"] <= check["ppl_estimate"] <= check["ppl_upper"]
     table = (out / "position_gain.md").read_text()
+    assert "bound tightness at the last position" in table
     assert sum(line.startswith("| ") and line[2].isdigit() for line in table.splitlines()) == CONT
 
     # A/B export: the key names the system behind each text; the real one is the window's own continuation

@@ -143,20 +143,28 @@ class PositionLogProb:
 @torch.no_grad()
 def position_log_prob(model: nn.Module, tokens: Tensor, position: int, *, num_samples: int,
                       top_k: int | None = None, generator: torch.Generator | None = None,
-                      max_batch_tokens: int | None = None) -> PositionLogProb:
+                      max_batch_tokens: int | None = None, exact_last: bool = True) -> PositionLogProb:
     """Bounds on log P_θ(x_t | x_<t) at 0-based ``position`` t of fixed-length ``tokens`` (B, T).
 
-    The last position (t = T − 1) is computed exactly (lower = upper = estimate).
+    The last position (t = T − 1) is computed exactly (lower = upper = estimate) unless
+    ``exact_last=False``: then its denominator E_{x_T∼P_LM}[e^{−E}] is bracketed from
+    ``num_samples`` LM draws like every other position (the numerator e^{−E(x)} has no future
+    and stays exact), which measures how tight the sampled bounds are against the exact value.
     """
     b, t_len = tokens.shape
     if not 1 <= position < t_len:
         raise ValueError(f"position must be in [1, {t_len - 1}] (0 is BOS), got {position}")
     lm_lp = torch.log_softmax(model.lm(tokens[:, :position]).double()[:, -1], -1)
     lm_lp = lm_lp.gather(1, tokens[:, position:position + 1]).squeeze(1)
-    if position == t_len - 1:
+    if position == t_len - 1 and exact_last:
         exact = last_position_distribution(model, tokens).gather(1, tokens[:, -1:]).squeeze(1)
         return PositionLogProb(lower=exact, upper=exact, estimate=exact, lm=lm_lp)
     kw = dict(num_samples=num_samples, top_k=top_k, generator=generator, max_batch_tokens=max_batch_tokens)
+    if position == t_len - 1:
+        minus_e = -_energies(model, tokens, 4096)
+        den = log_partition_bounds(sample_log_weights(model, tokens[:, :position], max_new_tokens=1, **kw))
+        return PositionLogProb(lower=lm_lp + minus_e - den.upper, upper=lm_lp + minus_e - den.lower,
+                               estimate=lm_lp + minus_e - den.jackknife, lm=lm_lp)
     num = log_partition_bounds(sample_log_weights(model, tokens[:, :position + 1],
                                                   max_new_tokens=t_len - position - 1, **kw))
     den = log_partition_bounds(sample_log_weights(model, tokens[:, :position], max_new_tokens=t_len - position,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from seqebm.estimators.nowozin import log_partition_bounds
 from seqebm.estimators.residual import perplexity_bounds, position_log_prob, sample_log_weights
 
-_STREAM = {"lm": 1, "joint": 2, "bounds": 3, "positions": 4, "log_z": 5}
+_STREAM = {"lm": 1, "joint": 2, "bounds": 3, "positions": 4, "log_z": 5, "last-position": 6}
 
 
 def _generator(seed: int, stream: str) -> torch.Generator:
@@ -232,6 +232,31 @@ def position_log_probs(model: nn.Module, rows: Tensor, *, prefix_len: int, num_s
         for k in out:
             out[k].append(torch.stack([getattr(r, k).double() for r in per_pos], 1))  # (b, C)
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def last_position_check(model: nn.Module, rows: Tensor, *, num_samples: int, top_k: int | None = None,
+                        generator: torch.Generator | None = None, batch_size: int = 16,
+                        max_batch_tokens: int | None = None) -> dict[str, float]:
+    """Sampled Eq. 5 bounds at the last position against its exact enumeration (bound tightness).
+
+    Returns the last position's perplexity from the ``num_samples``-sample bounds
+    (``ppl_lower``, ``ppl_upper``, ``ppl_estimate``) and from enumerating the vocabulary
+    (``ppl_exact``); the exact value should lie in (or, the bracket being asymptotic, near) the
+    bracket, which narrows as ``num_samples`` grows.
+    """
+    last = rows.shape[1] - 1
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("lower", "upper", "estimate", "exact")}
+    for s in _chunks(rows.shape[0], batch_size):
+        est = position_log_prob(model, rows[s], last, num_samples=num_samples, top_k=top_k, generator=generator,
+                                max_batch_tokens=max_batch_tokens, exact_last=False)
+        exact = position_log_prob(model, rows[s], last, num_samples=num_samples)
+        for k, v in (("lower", est.lower), ("upper", est.upper), ("estimate", est.estimate), ("exact", exact.lower)):
+            parts[k].append(v.double())
+    lp = {k: torch.cat(v) for k, v in parts.items()}
+    b = rows.shape[0]
+    return {"ppl_lower": _ppl(-float(lp["upper"].sum()), b), "ppl_upper": _ppl(-float(lp["lower"].sum()), b),
+            "ppl_estimate": _ppl(-float(lp["estimate"].sum()), b), "ppl_exact": _ppl(-float(lp["exact"].sum()), b),
+            "num_samples": float(num_samples)}
 
 
 # --------------------------------------------------------------------------- output helpers
