@@ -374,7 +374,7 @@ def position_gain(run: str | Path, *, split: str = "test", max_rows: int | None 
     table_rows = position_perplexities(lp["lm"], lp["lower"], lp["upper"], lp["estimate"])
     check = last_position_check(r.model, r.rows, num_samples=num_samples, top_k=k,
                                 generator=_generator(seed, "last-position"), batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens)
+                                max_batch_tokens=max_batch_tokens, exact=lp["lower"][:, -1])
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     pos = [t["position"] for t in table_rows]
