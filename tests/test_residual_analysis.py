@@ -196,6 +196,23 @@ def test_position_log_probs_match_enumeration_and_last_is_exact(tiny):
     assert torch.allclose(out["lm"][:, 0], lm_first.detach())
 
 
+def test_last_position_check_enumerates_or_reuses_the_exact_value(tiny):
+    """The last position's exact perplexity, enumerated inside the check or passed in from
+    position_log_probs, equals brute force; the sampled bounds bracket it loosely."""
+    from seqebm.eval.residual_metrics import last_position_check
+
+    model, rows = tiny
+    _, exact_pos = _exact(model, rows)
+    want = math.exp(-float(exact_pos[:, -1].mean()))
+    own = last_position_check(model, rows, num_samples=2048, generator=torch.Generator().manual_seed(0), batch_size=2)
+    given = last_position_check(model, rows, num_samples=2048, generator=torch.Generator().manual_seed(0),
+                                batch_size=2, exact=exact_pos[:, -1])
+    assert own["ppl_exact"] == pytest.approx(want, rel=1e-6)
+    assert given["ppl_exact"] == pytest.approx(want, rel=1e-6)
+    assert own["ppl_estimate"] == given["ppl_estimate"]
+    assert own["ppl_estimate"] == pytest.approx(want, rel=0.05)
+
+
 # --------------------------------------------------------------------------- end to end (CLI)
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.seq_len=24", "data.batch_size=8",
