@@ -54,13 +54,27 @@ def _load_run(run_dir: Path, device: str, overrides: list[str] | None = None):
     return cfg, task, model.to(dev).eval(), dev
 
 
+# what a resumed run may not change (that is a new run: see --branch-from)
+RESUME_FIXED = ("data.", "model.", "optim.", "objective.", "train.seed", "train.grad_accum")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume and args.branch_from:
+        raise ValueError("--resume and --branch-from exclude each other")
     if args.resume:
+        if not args.run_dir:
+            raise ValueError("--resume needs --run-dir")
+        bad = [o for o in args.overrides if o.split("=", 1)[0].startswith(RESUME_FIXED)]
+        if bad:
+            raise ValueError(f"a resumed run keeps its data, model, optimiser and objective settings, got {bad}; "
+                             "use --branch-from to continue its state under a new objective")
         cfg = load_config(ExperimentConfig, Path(args.run_dir) / "config.yaml", args.overrides)
+    elif args.branch_from and not args.config:  # the source's own recipe, plus the overrides
+        cfg = load_config(ExperimentConfig, Path(args.branch_from) / "config.yaml", args.overrides)
     else:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
     run_dir = args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    results = run_experiment(cfg, run_dir, resume=args.resume)
+    results = run_experiment(cfg, run_dir, resume=args.resume, branch_from=args.branch_from)
     print(json.dumps({k: results[k] for k in ("valid", "test")}, indent=2))
     print(f"[seqebm] run folder: {run_dir}")
     return 0
@@ -254,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config and dotted overrides")
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("--run-dir", help="output folder (must not exist unless --resume)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its checkpoint (train.* / eval.* overrides allowed, "
+                        "e.g. train.max_steps=20000)")
+    t.add_argument("--branch-from", metavar="RUN",
+                   help="start from the state of another run folder or of its snapshots/step-N (same data, model "
+                        "and optimiser settings; e.g. an E-Forcing run from a teacher-forcing run at its start step)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     t.set_defaults(func=cmd_train)
 

@@ -51,6 +51,9 @@ class TrainerConfig:
     eval_every: int = 200
     log_every: int = 10
     checkpoint_every: int = 200
+    # steps at which a copy of the whole run folder is kept in snapshots/step-N (a run can be
+    # branched from it with `seqebm train --branch-from RUN/snapshots/step-N`)
+    snapshot_at: list[int] = field(default_factory=list)
     patience: int | None = None  # evaluations without improvement before stopping early
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -64,6 +67,8 @@ class TrainerConfig:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.patience is not None and self.patience <= 0:
             raise ValueError(f"train.patience must be positive or null, got {self.patience}")
+        if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in self.snapshot_at):
+            raise ValueError(f"train.snapshot_at must be a list of positive step numbers, got {self.snapshot_at}")
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -409,6 +409,66 @@ def _adopt_init_run(cfg: ExperimentConfig, run_dir: Path) -> Path | None:
     return weights
 
 
+# settings a branched run must share with the run it starts from: everything that shaped the
+# weights, optimiser state and data order up to the branch point (the objective, the step budget,
+# evaluation and logging may differ)
+BRANCH_FIXED = ("data", "model", "optim", "train.seed", "train.grad_accum")
+
+
+def branch_run(cfg: ExperimentConfig, source: str | Path, run_dir: str | Path) -> int:
+    """Start ``run_dir`` as a copy of ``source`` (a run folder or one of its ``snapshots/step-N``) and
+    write ``cfg`` as its config; :func:`run_experiment` with ``resume=True`` then continues it.
+
+    Training up to the branch step is identical by construction (same weights, optimiser, RNG and
+    data position), so e.g. an E-Forcing run whose CD term starts at step N can reuse a teacher-
+    forcing run's state at step N instead of repeating its first N steps. Returns that step.
+
+    Raises:
+        FileNotFoundError: ``source`` has no checkpoint or config.
+        FileExistsError: ``run_dir`` exists and is not empty.
+        ValueError: ``cfg`` differs from the source's config in a :data:`BRANCH_FIXED` setting, or
+            ``cfg.train.max_steps`` does not go past the branch step.
+    """
+    import shutil
+
+    from seqebm.config import load_config, to_dict
+    from seqebm.training.checkpoint import _read
+    from seqebm.training.trainer import SNAPSHOTS
+
+    source, run_dir = Path(source), Path(run_dir)
+    for name in (CHECKPOINT, "config.yaml"):
+        if not (source / name).is_file():
+            raise FileNotFoundError(f"cannot branch from {source}: no {name} there")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder already exists: {run_dir} (choose another --run-dir); nothing was overwritten")
+    src_cfg = to_dict(load_config(ExperimentConfig, source / "config.yaml"))
+    new_cfg = to_dict(cfg)
+    differ = []
+    for key in BRANCH_FIXED:
+        a, b = src_cfg, new_cfg
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            differ.append(key if not isinstance(a, dict) else
+                          ", ".join(f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)))
+    if differ:
+        raise ValueError(f"cannot branch from {source}: the new config differs in {'; '.join(differ)} "
+                         "(only the objective, step budget, evaluation and logging may change)")
+    step = int(json.loads(_read(source / CHECKPOINT)[1]["trainer_state"])["step"])
+    if cfg.train.max_steps <= step:
+        raise ValueError(f"train.max_steps={cfg.train.max_steps} does not go past the branch step {step}")
+    skip = {SNAPSHOTS, "tensorboard", "results.json", "report.md", "curves.png", "config.yaml", "branch.json"}
+    tmp = run_dir.with_name(f".{run_dir.name}.branching")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=lambda d, names: [n for n in names if Path(d) == source and n in skip])
+    save_config(cfg, tmp / "config.yaml")
+    atomic_write_text(tmp / "branch.json", json.dumps({"source": str(source.resolve()), "step": step}, indent=2))
+    if run_dir.exists():
+        run_dir.rmdir()
+    tmp.rename(run_dir)
+    return step
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if resume:
         if not (run_dir / CHECKPOINT).is_file():
@@ -421,17 +481,29 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False,
-                   log=print) -> dict[str, Any]:
-    """Train, evaluate on valid/test with the best weights, sample, and write the report."""
+                   branch_from: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Train, evaluate on valid/test with the best weights, sample, and write the report.
+
+    ``resume=True`` continues ``run_dir`` from its checkpoint (``cfg`` is written as its config, so a
+    resumed run may be given e.g. a larger ``train.max_steps``); ``branch_from`` starts ``run_dir`` from
+    another run's state (see :func:`branch_run`).
+    """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
     dist_info = init_distributed(device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device(f"cuda:{dist_info.local_rank}")
+    if branch_from is not None:
+        if resume:
+            raise ValueError("branch_from and resume exclude each other")
+        if dist_info.is_main:
+            step = branch_run(cfg, branch_from, run_dir)
+            log(f"[seqebm] branched from {branch_from} at step {step}")
+        barrier(dist_info)
+        resume = True
     if dist_info.is_main:
         prepare_run_dir(run_dir, resume)
-        if not resume:
-            save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
     if dist_info.is_main and not resume:
         _adopt_init_run(cfg, run_dir)

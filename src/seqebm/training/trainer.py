@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 from seqebm.data.batching import Batch
 from seqebm.training.checkpoint import (_atomic_save_tensors, _load_weights, _read, _state_tensors, load_checkpoint,
                                         rng_state, save_checkpoint, save_model, set_rng_state)
+from seqebm.io import atomic_write_text
 from seqebm.training.config import OptimConfig, TrainerConfig, lr_at
 from seqebm.training.distributed import DistInfo, all_reduce_sum, barrier
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
+SNAPSHOTS = "snapshots"
 
 
 class BatchSource(Protocol):
@@ -130,6 +132,26 @@ class Trainer:
                             trainer_state=self.state, extra_tensors=objective_state)
         barrier(self.dist)
 
+    def snapshot(self) -> Path:
+        """Copy the run folder as it is now (checkpoint, best weights, metrics, tokenizer...) to
+        ``snapshots/step-N``, written to a temporary folder first and renamed, so a snapshot is
+        either complete or absent. Call it right after :meth:`save`."""
+        import shutil
+
+        dest = self.run_dir / SNAPSHOTS / f"step-{self.state['step']}"
+        if self.dist.is_main:
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # the final outputs of an earlier (resumed) run would describe another state: left out
+            skip = (SNAPSHOTS, "tensorboard", "results.json", "report.md", "curves.png")
+            shutil.copytree(self.run_dir, tmp, ignore=lambda d, names: [n for n in names if Path(d) == self.run_dir
+                                                                         and n in skip])
+            if dest.exists():  # a resumed run passing the same step again: the new copy wins
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        barrier(self.dist)
+        return dest
+
     def resume(self) -> None:
         """Continue from ``run_dir/checkpoint.safetensors`` (weights, optimizer, RNG, data position)."""
         state = load_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer)
@@ -148,6 +170,13 @@ class Trainer:
         if self.dist.enabled and not self.dist.is_main and self._rank_rng_path().is_file():
             set_rng_state(_read(self._rank_rng_path())[0])
         self.state.update(state)
+        metrics = self.run_dir / METRICS
+        if self.dist.is_main and metrics.is_file():
+            # drop what was logged after the checkpoint (a killed run): those steps are redone now
+            lines = metrics.read_text().splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= self.state["step"]]
+            if len(kept) != len(lines):
+                atomic_write_text(metrics, "".join(x + "\n" for x in kept))
 
     # ----------------------------------------------------------------- logging
     def _log(self, record: dict[str, Any]) -> None:
@@ -299,8 +328,10 @@ class Trainer:
                         if cfg.patience is not None and self.state["bad_evals"] >= cfg.patience:
                             stop = True
                             self.state["stopped_early"] = True
-                    if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+                    if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or step in cfg.snapshot_at:
                         self.save()
+                    if step in cfg.snapshot_at:
+                        self.snapshot()
                     for cb in self.callbacks:
                         cb(self)
                     if stop or step >= cfg.max_steps:
