@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from seqebm.config import load_config
-from seqebm.training.experiment import ExperimentConfig, build_model_for, build_task, run_experiment
+from seqebm.training.experiment import (ExperimentConfig, build_model_for, build_task, run_experiment,
+                                       warn_schedule_change)
 
 # The demo's recipe (mirrored in configs/demo.yaml; a test keeps the two equal).
 DEMO_OVERRIDES = [
@@ -69,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"a resumed run keeps its data, model, optimiser and objective settings, got {bad}; "
                              "use --branch-from to continue its state under a new objective")
         cfg = load_config(ExperimentConfig, Path(args.run_dir) / "config.yaml", args.overrides)
+        before = load_config(ExperimentConfig, Path(args.run_dir) / "config.yaml")
+        warn_schedule_change(cfg.optim, before.train.max_steps, cfg.train.max_steps)
     elif args.branch_from and not args.config:  # the source's own recipe, plus the overrides
         cfg = load_config(ExperimentConfig, Path(args.branch_from) / "config.yaml", args.overrides)
     else:

@@ -415,6 +415,16 @@ def _adopt_init_run(cfg: ExperimentConfig, run_dir: Path) -> Path | None:
 BRANCH_FIXED = ("data", "model", "optim", "train.seed", "train.grad_accum")
 
 
+def warn_schedule_change(optim: OptimConfig, old_steps: int, new_steps: int) -> None:
+    """Warn when a new step budget reshapes a cosine schedule (its learning rate depends on it)."""
+    if optim.schedule == "cosine" and old_steps != new_steps:
+        import warnings
+
+        warnings.warn(f"optim.schedule=cosine spans train.max_steps: changing it from {old_steps} to {new_steps} "
+                      "changes the learning rate from here on (the steps already taken followed the old curve)",
+                      stacklevel=2)
+
+
 def branch_run(cfg: ExperimentConfig, source: str | Path, run_dir: str | Path) -> int:
     """Start ``run_dir`` as a copy of ``source`` (a run folder or one of its ``snapshots/step-N``) and
     write ``cfg`` as its config; :func:`run_experiment` with ``resume=True`` then continues it.
@@ -457,6 +467,7 @@ def branch_run(cfg: ExperimentConfig, source: str | Path, run_dir: str | Path) -
     step = int(json.loads(_read(source / CHECKPOINT)[1]["trainer_state"])["step"])
     if cfg.train.max_steps <= step:
         raise ValueError(f"train.max_steps={cfg.train.max_steps} does not go past the branch step {step}")
+    warn_schedule_change(cfg.optim, src_cfg["train"]["max_steps"], cfg.train.max_steps)
     skip = {SNAPSHOTS, "tensorboard", "results.json", "report.md", "curves.png", "config.yaml", "branch.json"}
     tmp = run_dir.with_name(f".{run_dir.name}.branching")
     shutil.rmtree(tmp, ignore_errors=True)
