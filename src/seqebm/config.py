@@ -150,7 +150,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
+def dump_config(cfg: Any) -> str:
+    """The YAML text :func:`save_config` writes."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     from seqebm.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, dump_config(cfg))

@@ -56,7 +56,8 @@ def save_model(model: nn.Module, path: str | Path, metadata: dict[str, Any] | No
     _atomic_save_tensors(_state_tensors(model), Path(path), meta)
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ``tensors=False`` reads the header only."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -64,9 +65,21 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return load_file(str(path)), meta
+        return (load_file(str(path)) if tensors else {}), meta
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({e})") from None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state (step, epoch, best...) of a training checkpoint, without loading its tensors."""
+    path = Path(path)
+    meta = _read(path, tensors=False)[1]
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a seqebm training checkpoint (no 'format' metadata)")
+    try:
+        return json.loads(meta["trainer_state"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt: bad metadata ({e})") from None
 
 
 def load_model(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqebm.config import save_config
+from seqebm.config import dump_config, save_config
 from seqebm.models import ARCHITECTURES, build_model
 from seqebm.objectives import EForcingLoss, ScheduledSamplingLoss, TeacherForcingLoss
 from seqebm.io import atomic_write_text
@@ -439,11 +439,9 @@ def branch_run(cfg: ExperimentConfig, source: str | Path, run_dir: str | Path) -
         ValueError: ``cfg`` differs from the source's config in a :data:`BRANCH_FIXED` setting, or
             ``cfg.train.max_steps`` does not go past the branch step.
     """
-    import shutil
-
     from seqebm.config import load_config, to_dict
-    from seqebm.training.checkpoint import _read
-    from seqebm.training.trainer import SNAPSHOTS
+    from seqebm.training.checkpoint import read_trainer_state
+    from seqebm.training.trainer import RUN_OUTPUTS, SNAPSHOTS, copy_run_folder
 
     source, run_dir = Path(source), Path(run_dir)
     for name in (CHECKPOINT, "config.yaml"):
@@ -464,19 +462,14 @@ def branch_run(cfg: ExperimentConfig, source: str | Path, run_dir: str | Path) -
     if differ:
         raise ValueError(f"cannot branch from {source}: the new config differs in {'; '.join(differ)} "
                          "(only the objective, step budget, evaluation and logging may change)")
-    step = int(json.loads(_read(source / CHECKPOINT)[1]["trainer_state"])["step"])
+    step = int(read_trainer_state(source / CHECKPOINT)["step"])
     if cfg.train.max_steps <= step:
         raise ValueError(f"train.max_steps={cfg.train.max_steps} does not go past the branch step {step}")
     warn_schedule_change(cfg.optim, src_cfg["train"]["max_steps"], cfg.train.max_steps)
-    skip = {SNAPSHOTS, "tensorboard", "results.json", "report.md", "curves.png", "config.yaml", "branch.json"}
-    tmp = run_dir.with_name(f".{run_dir.name}.branching")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=lambda d, names: [n for n in names if Path(d) == source and n in skip])
-    save_config(cfg, tmp / "config.yaml")
-    atomic_write_text(tmp / "branch.json", json.dumps({"source": str(source.resolve()), "step": step}, indent=2))
-    if run_dir.exists():
-        run_dir.rmdir()
-    tmp.rename(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    copy_run_folder(source, run_dir, skip=(SNAPSHOTS, *RUN_OUTPUTS, "branch.json"), extra_files={
+        "config.yaml": dump_config(cfg),
+        "branch.json": json.dumps({"source": str(source.resolve()), "step": step}, indent=2)})
     return step
 
 

@@ -36,6 +36,26 @@ CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 SNAPSHOTS = "snapshots"
+# what a finished run writes last; a copy of the folder at another step leaves them out (they
+# would describe another state)
+RUN_OUTPUTS = ("tensorboard", "results.json", "report.md", "curves.png")
+
+
+def copy_run_folder(src: Path, dest: Path, skip: tuple[str, ...] = (),
+                    extra_files: dict[str, str] | None = None) -> None:
+    """Copy run folder ``src`` to ``dest`` (replacing it), leaving out the top-level entries named in
+    ``skip`` and adding ``extra_files`` (name -> text). The copy is assembled in a temporary folder
+    next to ``dest`` and renamed, so ``dest`` is either complete or absent/unchanged."""
+    import shutil
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if Path(d) == src and n in skip])
+    for name, text in (extra_files or {}).items():
+        atomic_write_text(tmp / name, text)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
 
 
 class BatchSource(Protocol):
@@ -136,19 +156,11 @@ class Trainer:
         """Copy the run folder as it is now (checkpoint, best weights, metrics, tokenizer...) to
         ``snapshots/step-N``, written to a temporary folder first and renamed, so a snapshot is
         either complete or absent. Call it right after :meth:`save`."""
-        import shutil
-
         dest = self.run_dir / SNAPSHOTS / f"step-{self.state['step']}"
         if self.dist.is_main:
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # the final outputs of an earlier (resumed) run would describe another state: left out
-            skip = (SNAPSHOTS, "tensorboard", "results.json", "report.md", "curves.png")
-            shutil.copytree(self.run_dir, tmp, ignore=lambda d, names: [n for n in names if Path(d) == self.run_dir
-                                                                         and n in skip])
-            if dest.exists():  # a resumed run passing the same step again: the new copy wins
-                shutil.rmtree(dest)
-            tmp.rename(dest)
+            # a resumed run passing the same step again replaces the snapshot
+            dest.parent.mkdir(exist_ok=True)
+            copy_run_folder(self.run_dir, dest, skip=(SNAPSHOTS, *RUN_OUTPUTS))
         barrier(self.dist)
         return dest
 
