@@ -51,6 +51,19 @@ def test_train_writes_error_rates_and_nbest_lists(corpus, tmp_path, kind, capsys
     assert main(["asr", "transcribe", "--run-dir", str(run), *map(str, audio)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith(str(audio[0]))
+    # asr nbest: decoding again with the recipe's beam gives the training run's lists; a wider beam keeps more
+    assert main(["asr", "nbest", str(run), "--beam-size", "3", "--nbest", "3", "--out-name", "again"]) == 0
+    for split in ("dev", "test", "test_unseen"):
+        assert (run / "again" / f"{split}.jsonl").read_text() == (run / "nbest" / f"{split}.jsonl").read_text()
+    assert main(["asr", "nbest", str(run), "--beam-size", "6", "--nbest", "5", "--splits", "test"]) == 0
+    wide = [json.loads(x) for x in (run / "nbest-wide" / "test.jsonl").read_text().splitlines()]
+    assert len(wide) == 3 and all(1 <= len(r["hypotheses"]) <= 5 for r in wide)
+    assert not (run / "nbest-wide" / "dev.jsonl").exists()
+    capsys.readouterr()
+    assert main(["asr", "nbest", str(run), "--splits", "test"]) == 2  # never overwrites without --force
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["asr", "nbest", str(run), "--splits", "train", "--force"]) == 2
+    assert "no evaluation split 'train'" in capsys.readouterr().err
     assert main(["asr", "train", "--run-dir", str(run), "--resume", "train.max_steps=6"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 6
 

@@ -242,7 +242,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
-    from seqebm.training.asr import AsrConfig, compare_asr, run_asr, transcribe_files
+    from seqebm.training.asr import AsrConfig, compare_asr, decode_nbest_lists, run_asr, transcribe_files
 
     if args.action == "train":
         if args.resume and not (args.run_dir and (Path(args.run_dir) / "config.yaml").is_file()):
@@ -258,6 +258,12 @@ def cmd_asr(args: argparse.Namespace) -> int:
         return 0
     if args.action == "compare":
         compare_asr(args.configs, args.seeds, args.fractions, args.out, overrides=args.overrides)
+        return 0
+    if args.action == "nbest":
+        for run in args.run_dirs:
+            print(f"[seqebm] {run}")
+            decode_nbest_lists(run, beam_size=args.beam_size, nbest=args.nbest, out_name=args.out_name,
+                               splits=args.splits, device=args.device, force=args.force)
         return 0
     for path, text in zip(args.files, transcribe_files(args.run_dir, args.files, beam_size=args.beam_size)):
         print(f"{path}\t{text}")
@@ -348,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--run-dir", required=True)
     ar.add_argument("--beam-size", type=int, default=None)
     ar.add_argument("files", nargs="+")
-    for q in (at, ac, ar):
+    an = asub.add_parser("nbest", help="decode finished runs again with a wider beam: longer n-best lists for "
+                                       "rescoring (RUN/OUT_NAME/<split>.jsonl)")
+    an.add_argument("run_dirs", nargs="+", help="finished seqebm asr runs")
+    an.add_argument("--beam-size", type=int, default=32)
+    an.add_argument("--nbest", type=int, default=32, help="hypotheses kept per utterance (at most the beam)")
+    an.add_argument("--out-name", default="nbest-wide", help="folder inside each run (default nbest-wide)")
+    an.add_argument("--splits", nargs="+", default=None, help="default: dev test test_unseen")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--force", action="store_true", help="overwrite existing lists")
+    for q in (at, ac, ar, an):
         q.set_defaults(func=cmd_asr)
 
     m = sub.add_parser("demo", help="a small Transformer LM on wiki-mini, continued with E-Forcing, plus a residual "
@@ -365,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.eval.rescoring import register_rescore_command
 
     register_rescore_command(sub)  # seqebm rescore ...
+    from seqebm.eval.rescoring_table import register_rescore_table_command
+
+    register_rescore_table_command(sub)  # seqebm rescore-table ...
     el = sub.add_parser("elm", help="energy-based language models (TRF-LM, GN-ELM, residual ELM)")
     elm_sub = el.add_subparsers(dest="action", required=True)
     from seqebm.eval.label_bias import register_label_bias_command

@@ -147,7 +147,8 @@ class AsrTask:
             self.feats[split] = featurize(wavs, self.featurizer, progress=progress)
             self.labels[split] = [encode_transcript(u.text, self.units) for u in utts]
             self.ids[split], self.refs[split] = [u.id for u in utts], [u.text for u in utts]
-        self.train_source = SpeechBatchSource(self.feats["train"], self.labels["train"], batch_size, seed=seed)
+        self.train_source = (SpeechBatchSource(self.feats["train"], self.labels["train"], batch_size, seed=seed)
+                             if "train" in splits else None)  # None: a decoding-only task
 
     def eval_splits(self) -> list[str]:
         return [s for s in ("dev", "test", "test_unseen") if s in self.feats]
@@ -287,10 +288,7 @@ def run_asr(cfg: AsrConfig, run_dir: str | Path, *, resume: bool = False, log=pr
         hyps = task.decode(model, split, device, kind=cfg.model.kind, lm=lm, beam_size=e.beam_size, nbest=e.nbest,
                            max_symbols=e.max_symbols)
         results[split] = task.error_rates(split, hyps)
-        lines = [json.dumps({"id": i, "reference": ref, "hypotheses": [
-            {"text": t, "acoustic": a, "lm": lmv, "score": s} for t, a, lmv, s in h]})
-            for i, ref, h in zip(task.ids[split], task.refs[split], hyps)]
-        atomic_write_text(run_dir / "nbest" / f"{split}.jsonl", "".join(x + "\n" for x in lines))
+        _write_nbest(task, split, hyps, run_dir / "nbest" / f"{split}.jsonl")
     results["wall_time_s"] = time.perf_counter() - t0
     plot_curves(run_dir / METRICS, run_dir / "curves.png", keys=("loss",))
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
@@ -335,28 +333,82 @@ def compare_asr(configs: list[str | Path], seeds: list[int], fractions: list[flo
     return summary
 
 
-def transcribe_files(run_dir: str | Path, files: list[str | Path], *, beam_size: int | None = None,
-                     device: str = "auto") -> list[str]:
-    """Transcribe 16 kHz audio files with a trained run's best weights (its own decoder)."""
-    from seqebm.data.speech import read_audio
-    from seqebm.data.speech_batching import featurize
+def _write_nbest(task: AsrTask, split: str, hyps: list[list[Any]], path: Path) -> None:
+    lines = [json.dumps({"id": i, "reference": ref, "hypotheses": [
+        {"text": t, "acoustic": a, "lm": lmv, "score": s} for t, a, lmv, s in h]})
+        for i, ref, h in zip(task.ids[split], task.refs[split], hyps)]
+    atomic_write_text(path, "".join(x + "\n" for x in lines))
+
+
+def _restore_asr_run(run_dir: Path, device: str) -> tuple[AsrConfig, nn.Module, Any, torch.device]:
+    """(config, model with its best weights on ``device`` in eval mode, label n-gram or None, device)."""
+    from seqebm.data.speech import SPEECH_UNITS
     from seqebm.structured.label_ngram import LabelNGram
     from seqebm.training.checkpoint import load_model
     from seqebm.training.distributed import resolve_device
     from seqebm.training.trainer import BEST_MODEL
 
-    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / BEST_MODEL).is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished speech-recognition run (config.yaml, {BEST_MODEL})")
     cfg = load_config(AsrConfig, run_dir / "config.yaml")
-    from seqebm.data.features import LogMelFeatures
-    from seqebm.data.speech import SPEECH_UNITS
-
     model = _build_model(cfg, len(SPEECH_UNITS) + 1)
     load_model(model, run_dir / BEST_MODEL)
     dev = resolve_device(device)
     model.to(dev).eval()
     lm = LabelNGram.load(run_dir / "label_lm.json") if cfg.model.kind == "ctc_crf" else None
+    return cfg, model, lm, dev
+
+
+def decode_nbest_lists(run_dir: str | Path, *, beam_size: int, nbest: int, out_name: str = "nbest",
+                       splits: list[str] | None = None, device: str = "auto", force: bool = False,
+                       log=print) -> dict[str, dict[str, float]]:
+    """Decode a finished run's evaluation splits again with another beam, writing ``run_dir/out_name/<split>.jsonl``.
+
+    Rescoring gains are bounded by the lists' oracle; a wider beam and longer lists than the
+    training recipe's (``eval.beam_size``, ``eval.nbest``) give the LMs of ``seqebm rescore`` more
+    to choose from. Uses the run's best weights and, for CTC-CRF, its label n-gram. Returns the
+    1-best CER/WER per split. Existing lists are kept unless ``force``.
+    """
+    if beam_size < 1 or nbest < 1:
+        raise ValueError(f"beam_size and nbest must be >= 1, got {beam_size}, {nbest}")
+    if not out_name or "/" in out_name or out_name.startswith("."):
+        raise ValueError(f"out_name must be a plain folder name, got {out_name!r}")
+    run_dir = Path(run_dir)
+    cfg, model, lm, dev = _restore_asr_run(run_dir, device)
+    all_splits = _load_splits(cfg.data, progress=False)
+    want = splits or [s for s in ("dev", "test", "test_unseen") if s in all_splits]
+    unknown = [s for s in want if s == "train" or s not in all_splits]
+    if unknown:
+        raise ValueError(f"no evaluation split {unknown[0]!r} in this run's data (have: "
+                         f"{', '.join(s for s in all_splits if s != 'train')})")
+    out = run_dir / out_name
+    existing = [str(out / f"{s}.jsonl") for s in want if (out / f"{s}.jsonl").exists()]
+    if existing and not force:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --force, or another --out-name)")
+    task = AsrTask({s: all_splits[s] for s in want}, n_mels=cfg.data.n_mels, batch_size=cfg.data.batch_size,
+                   seed=cfg.train.seed)
+    out.mkdir(exist_ok=True)
+    rates = {}
+    for split in want:
+        t0 = time.perf_counter()
+        hyps = task.decode(model, split, dev, kind=cfg.model.kind, lm=lm, beam_size=beam_size, nbest=nbest,
+                           max_symbols=cfg.eval.max_symbols)
+        _write_nbest(task, split, hyps, out / f"{split}.jsonl")
+        rates[split] = task.error_rates(split, hyps)
+        log(f"[seqebm] {split}: {len(hyps)} lists, {sum(map(len, hyps)) / max(1, len(hyps)):.1f} hypotheses each, "
+            f"CER {100 * rates[split]['cer']:.2f}% WER {100 * rates[split]['wer']:.2f}% "
+            f"({time.perf_counter() - t0:.0f} s) -> {out / f'{split}.jsonl'}")
+    return rates
+
+
+def transcribe_files(run_dir: str | Path, files: list[str | Path], *, beam_size: int | None = None,
+                     device: str = "auto") -> list[str]:
+    """Transcribe 16 kHz audio files with a trained run's best weights (its own decoder)."""
+    from seqebm.data.features import LogMelFeatures
+    from seqebm.data.speech import SPEECH_UNITS, read_audio
+    from seqebm.data.speech_batching import featurize
+
+    cfg, model, lm, dev = _restore_asr_run(Path(run_dir), device)
     task = AsrTask.__new__(AsrTask)
     task.units = SPEECH_UNITS
     feats = featurize([torch.from_numpy(read_audio(f)) for f in files], LogMelFeatures(n_mels=cfg.data.n_mels))
