@@ -57,15 +57,16 @@ class BoundedSentenceLM(nn.Module):
         ban = torch.zeros(v, dtype=torch.bool)
         ban[list(banned_ids)] = True
         self.register_buffer("banned", ban, persistent=False)
+        # the same ban as an additive bias: one add instead of a masked fill over (.., V) per step
+        self.register_buffer("ban_bias", torch.zeros(v).masked_fill(ban, float("-inf")), persistent=False)
         if bool(ban.all() | (ban.sum() >= v - 1)):
             raise ValueError("banned_ids leave no word to emit")
 
     def _log_probs(self, logits: Tensor, first: Tensor) -> Tensor:
         """Masked, renormalised log q over the vocabulary; ``first`` (..,) marks step-0 positions."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).masked_fill(self.banned, float("-inf"))
-        no_eos = torch.zeros_like(self.banned)
-        no_eos[self.eos_id] = True
-        logits = logits.masked_fill(first[..., None] & no_eos, float("-inf"))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) + self.ban_bias
+        if bool(first.any()):  # no ⟨/s⟩ before the first word: only that column changes
+            logits[..., self.eos_id] = logits[..., self.eos_id].masked_fill(first, float("-inf"))
         return torch.log_softmax(logits, -1)
 
     def log_prob(self, tokens: Tensor, mask: Tensor) -> Tensor:
@@ -121,7 +122,7 @@ class BoundedSentenceLM(nn.Module):
             # ~10x faster than torch.multinomial on CPU for V in the thousands
             u = 1.0 - torch.rand(len(rows), 1, generator=generator, dtype=torch.float64,
                                  device=generator.device if generator is not None else "cpu").to(dev)
-            cdf = lp.double().exp().cumsum(-1)  # (R, V)
+            cdf = lp.exp().double().cumsum(-1)  # (R, V); exp in the LM's precision, the running sum in float64
             nxt = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(self.vocab_size - 1)  # (R,)
             log_q[rows] += lp.gather(-1, nxt[:, None]).squeeze(-1).double()
             word = nxt != self.eos_id
