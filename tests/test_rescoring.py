@@ -477,3 +477,21 @@ def test_rescore_files_with_a_ready_scorer(nbest_files):
                       length_bonuses=[0.0])
     assert a.data["lm_weight"] == 0.1 and "TableScorer" in a.data["scorer"]
     assert "edge of its grid" in a.markdown
+
+
+def test_am_score_uses_the_recognisers_total_score():
+    """am="score": AM(y) is each hypothesis's total score (for CTC-CRF: acoustic + its label n-gram)."""
+    recs = parse_nbest([
+        json.dumps({"id": "u1", "reference": "a b", "hypotheses": [
+            {"text": "a c", "acoustic": -1.0, "lm": -5.0, "score": -6.0},
+            {"text": "a b", "acoustic": -1.5, "lm": -1.0, "score": -2.5}]}),
+    ])
+    assert rescore(recs, None, lm_weight=0.0, length_bonus=0.0) == [0]
+    assert rescore(recs, None, lm_weight=0.0, length_bonus=0.0, am="score") == [1]
+    # with am="score" the list's own lm then counts twice at λ = 1: still hypothesis 1, by a wider margin
+    assert tune(recs, None, lm_weights=[1.0], length_bonuses=[0.0], am="score").wer == 0.0
+    no_score = parse_nbest([_line("u2", "a", [("a", -1.0, -1.0), ("b", -2.0, -1.0)])])
+    with pytest.raises(ValueError, match="'u2', hypothesis 1 has no score"):
+        rescore(no_score, None, lm_weight=0.0, length_bonus=0.0, am="score")
+    with pytest.raises(ValueError, match="am must be one of acoustic, score"):
+        rescore(recs, None, lm_weight=0.0, length_bonus=0.0, am="total")

@@ -141,3 +141,24 @@ def test_cli_end_to_end(setup, capsys):
     with pytest.raises(FileExistsError):
         args = parser.parse_args(argv)
         args.func(args)
+
+
+def test_am_field_is_part_of_a_cells_key(setup):
+    """Lists whose total score (acoustic + own lm) already picks the right words: 'AM only' is then perfect."""
+    root, runs, text = setup
+    for split in ("dev", "test", "test_unseen"):
+        path = runs[0] / "nbest" / f"{split}.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        for r in lines:
+            for h in r["hypotheses"]:
+                h["score"] = h["acoustic"] + h["lm"]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    lm = [parse_lm_entry(f"kn2=ngram:{text}:2")]
+    grid = dict(lm_weights=[1.0], length_bonuses=[0.0], log=lambda *_: None)
+    acoustic = compare_rescoring(runs[:1], lm, root / "out", **grid)
+    total = compare_rescoring(runs[:1], lm, root / "out", am="score", **grid)
+    assert acoustic.data["summary"]["AM only (β tuned)"]["rec/test"]["values"] == [pytest.approx(100 * 2 / 13)]
+    assert total.data["summary"]["AM only (β tuned)"]["rec/test"]["values"] == [0.0]
+    assert total.data["am"] == "score" and "AM: the hypotheses' `score`" in total.markdown
+    with pytest.raises(ValueError, match="am must be"):
+        compare_rescoring(runs[:1], lm, root / "out", am="lm", **grid)

@@ -46,8 +46,8 @@ from seqebm.eval.run_tables import Analysis, _document, markdown_table
 from seqebm.eval.sentence_scorers import ARLMScorer, NGramSentenceScorer, ScorerSpec, SentenceScorer, TableScorer
 
 __all__ = [
-    "ARLMScorer", "DEFAULT_LENGTH_BONUSES", "DEFAULT_LM_WEIGHTS", "LENGTH_UNITS", "NBestHypothesis", "NBestList",
-    "NGramSentenceScorer", "ScorerSpec", "SentenceScorer", "TableScorer", "TuneResult", "parse_nbest",
+    "AM_FIELDS", "ARLMScorer", "DEFAULT_LENGTH_BONUSES", "DEFAULT_LM_WEIGHTS", "LENGTH_UNITS", "NBestHypothesis",
+    "NBestList", "NGramSentenceScorer", "ScorerSpec", "SentenceScorer", "TableScorer", "TuneResult", "parse_nbest",
     "read_nbest", "register_rescore_command", "rescore", "rescore_files", "tune", "wer_report", "write_nbest",
 ]
 
@@ -57,6 +57,9 @@ DEFAULT_LM_WEIGHTS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(2
 DEFAULT_LENGTH_BONUSES: tuple[float, ...] = tuple(0.5 * i for i in range(-4, 9))  # -2, -1.5, ..., 4
 #: what |y| counts: whitespace-separated words, or characters (spaces included)
 LENGTH_UNITS: tuple[str, ...] = ("words", "chars")
+#: which field of a hypothesis is AM(y): its ``acoustic`` score, or the recogniser's total ``score``
+#: (for CTC-CRF lists, acoustic + the model's label n-gram, so a new LM adds to the model's own)
+AM_FIELDS: tuple[str, ...] = ("acoustic", "score")
 
 
 # --------------------------------------------------------------------------- scores, choices, WER
@@ -115,7 +118,22 @@ def _lm_scores(records: Sequence[NBestList], scorer: SentenceScorer | None) -> l
     return [table[t] for r in records for t in r.texts]
 
 
-def _score_table(records: Sequence[NBestList], scorer: SentenceScorer | None, length: str) -> _ScoreTable:
+def _am_scores(r: NBestList, am: str) -> list[float]:
+    if am == "acoustic":
+        return [h.acoustic for h in r.hypotheses]
+    if am != "score":
+        raise ValueError(f"am must be one of {', '.join(AM_FIELDS)}, got {am!r}")
+    missing = [k for k, h in enumerate(r.hypotheses, 1) if h.score is None]
+    if missing:
+        raise ValueError(f"utterance {r.id!r}, hypothesis {missing[0]} has no score (am='score' needs every "
+                         "hypothesis's total score)")
+    return [h.score for h in r.hypotheses]
+
+
+def _score_table(records: Sequence[NBestList], scorer: SentenceScorer | None, length: str,
+                 am_field: str = "acoustic") -> _ScoreTable:
+    if am_field not in AM_FIELDS:
+        raise ValueError(f"am must be one of {', '.join(AM_FIELDS)}, got {am_field!r}")
     lm_flat = _lm_scores(records, scorer)
     u, k = len(records), max(len(r.hypotheses) for r in records)
     am, lm = torch.zeros(u, k, dtype=torch.float64), torch.zeros(u, k, dtype=torch.float64)
@@ -123,7 +141,7 @@ def _score_table(records: Sequence[NBestList], scorer: SentenceScorer | None, le
     pos = 0
     for i, r in enumerate(records):
         n = len(r.hypotheses)
-        am[i, :n] = torch.tensor([h.acoustic for h in r.hypotheses], dtype=torch.float64)
+        am[i, :n] = torch.tensor(_am_scores(r, am_field), dtype=torch.float64)
         lm[i, :n] = torch.tensor(lm_flat[pos:pos + n], dtype=torch.float64)
         ln[i, :n] = torch.tensor(_lengths(r.texts, length), dtype=torch.float64)
         mask[i, :n] = True
@@ -201,18 +219,19 @@ def _total_words(ref_words: Tensor) -> int:
 
 
 def rescore(records: Sequence[NBestList], scorer: SentenceScorer | None = None, *, lm_weight: float,
-            length_bonus: float, length: str = "words") -> list[int]:
+            length_bonus: float, length: str = "words", am: str = "acoustic") -> list[int]:
     """Per utterance, the index of the hypothesis maximising AM + λ·LM + β·|y| (issue #10).
 
     LM is ``scorer(texts)`` or, when ``scorer`` is None, the hypotheses' own ``lm`` field;
-    |y| counts ``length`` units (``"words"`` or ``"chars"``, spaces included). Ties go to the
+    |y| counts ``length`` units (``"words"`` or ``"chars"``, spaces included); AM is each
+    hypothesis's ``acoustic`` score, or its total ``score`` with ``am="score"``. Ties go to the
     earlier hypothesis of the list. Returns U indices into each record's ``hypotheses``.
     """
     records = _check_records(records, "rescore()")
     for name, v in (("lm_weight", lm_weight), ("length_bonus", length_bonus)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    table = _score_table(records, scorer, length)
+    table = _score_table(records, scorer, length, am)
     return _choose(table, torch.tensor([float(lm_weight)], dtype=torch.float64),
                    torch.tensor([float(length_bonus)], dtype=torch.float64))[0].tolist()
 
@@ -259,7 +278,7 @@ def _tune_table(table: _ScoreTable, errors: Tensor, ref_words: Tensor, lm_weight
 
 def tune(dev_records: Sequence[NBestList], scorer: SentenceScorer | None = None, *,
          lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS, length_bonuses: Iterable[float] = DEFAULT_LENGTH_BONUSES,
-         length: str = "words") -> TuneResult:
+         length: str = "words", am: str = "acoustic") -> TuneResult:
     """Grid search of λ and β minimising the dev corpus WER of :func:`rescore`'s choices.
 
     0 is always added to both grids and ties prefer smaller |λ|, then smaller |β|, so the result
@@ -268,7 +287,7 @@ def tune(dev_records: Sequence[NBestList], scorer: SentenceScorer | None = None,
     hypothesis text; every grid point is then a vectorised argmax, (G, U, K).
     """
     records = _check_records(dev_records, "tune()")
-    table = _score_table(records, scorer, length)
+    table = _score_table(records, scorer, length, am)
     errors, ref_words = _word_errors(records)
     return _tune_table(table, errors, ref_words, lm_weights, length_bonuses)
 
@@ -325,19 +344,22 @@ def rescore_files(dev_path: str | Path, test_paths: Sequence[str | Path],
                   scorer_spec: ScorerSpec | SentenceScorer | None = None, *,
                   lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
                   length_bonuses: Iterable[float] = DEFAULT_LENGTH_BONUSES, length: str = "words",
-                  decimals: int = 2, name: str = "rescore") -> Analysis:
+                  am: str = "acoustic", decimals: int = 2, name: str = "rescore") -> Analysis:
     """Tune λ, β on the dev n-best file, apply them to each test file; a Markdown + JSON table.
 
     ``scorer_spec``: a :class:`ScorerSpec`, a ready :class:`SentenceScorer`, or None (the lists'
     own ``lm``). Rows: the dev set (its numbers are tuned on itself) then each test set;
     columns: WER of the list's 1-best, oracle WER, AM only (λ = 0, β tuned on dev), AM + LM
-    (λ, β tuned on dev), and the tuned weights. WER in percent, corpus level.
+    (λ, β tuned on dev), and the tuned weights. WER in percent, corpus level. ``am``: the
+    hypothesis field used as AM (``"acoustic"`` or the recogniser's total ``"score"``).
     Save it with :func:`seqebm.eval.run_tables.write_analysis`.
     """
     if not test_paths:
         raise ValueError("give at least one test n-best file")
     if length not in LENGTH_UNITS:
         raise ValueError(f"length must be one of {', '.join(LENGTH_UNITS)}, got {length!r}")
+    if am not in AM_FIELDS:
+        raise ValueError(f"am must be one of {', '.join(AM_FIELDS)}, got {am!r}")
     paths = [Path(dev_path), *map(Path, test_paths)]
     if len({p.resolve() for p in paths[1:]}) < len(paths) - 1:
         raise ValueError("a test n-best file is given twice")
@@ -350,7 +372,7 @@ def rescore_files(dev_path: str | Path, test_paths: Sequence[str | Path],
     tables = []
     for p, recs in zip(paths, sets):
         try:
-            tables.append(_score_table(recs, scorer, length))
+            tables.append(_score_table(recs, scorer, length, am))
         except ValueError as e:
             raise ValueError(f"{p}: {e}") from None
     edits = [_word_errors(recs) for recs in sets]
@@ -389,12 +411,13 @@ def rescore_files(dev_path: str | Path, test_paths: Sequence[str | Path],
     header = ["set", "utterances", "1-best WER (list order)", "oracle WER", "AM only WER", "AM+LM WER", "λ", "β",
               "β (AM only)"]
     unit = "word" if length == "words" else "character"
-    intro = (f"score = AM + λ·LM + β·|y| (|y| in {length}); LM: {_describe(scorer)}. λ and β minimise the corpus "
-             f"WER of the dev set `{paths[0]}` over the grid λ ∈ {_fmt_grid(tuned.lm_weights)}, "
+    intro = (f"score = AM + λ·LM + β·|y| (|y| in {length}; AM: the hypotheses' `{am}`); LM: {_describe(scorer)}. "
+             f"λ and β minimise the corpus WER of the dev set `{paths[0]}` over the grid "
+             f"λ ∈ {_fmt_grid(tuned.lm_weights)}, "
              f"β ∈ {_fmt_grid(tuned.length_bonuses)} (ties: smaller |λ|, then smaller |β|); AM only: λ = 0 "
              f"with its own tuned β. WER in percent (jiwer; total word edits / total reference words); "
              f"oracle: the hypothesis with the fewest edits in each list; β per {unit}.")
-    data = {"analysis": "rescore", "scorer": _describe(scorer), "length": length, "dev": str(paths[0]),
+    data = {"analysis": "rescore", "scorer": _describe(scorer), "length": length, "am": am, "dev": str(paths[0]),
             "lm_weight": tuned.lm_weight, "length_bonus": tuned.length_bonus,
             "am_only_length_bonus": am_only.length_bonus, "lm_weights": tuned.lm_weights,
             "length_bonuses": tuned.length_bonuses, "dev_grid_wer": tuned.grid_wer, "sets": out_sets}
@@ -420,7 +443,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
     _check_output_free(args)
     analysis = rescore_files(args.dev, args.test, spec, lm_weights=args.lm_weights or DEFAULT_LM_WEIGHTS,
                              length_bonuses=args.length_bonuses or DEFAULT_LENGTH_BONUSES, length=args.length,
-                             decimals=args.decimals, name=args.name)
+                             am=args.am, decimals=args.decimals, name=args.name)
     return _emit(analysis, args)
 
 
@@ -452,6 +475,9 @@ def register_rescore_command(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--length-bonuses", type=float, nargs="+", default=None,
                    help=f"grid of β (0 always added; default {_fmt_grid(DEFAULT_LENGTH_BONUSES)})")
     r.add_argument("--length", choices=LENGTH_UNITS, default="words", help="unit of |y| for β (default words)")
+    r.add_argument("--am", choices=AM_FIELDS, default="acoustic",
+                   help="hypothesis field used as AM: acoustic (default) or the recogniser's total score (for "
+                        "CTC-CRF lists: acoustic + its label n-gram)")
     r.add_argument("--device", default="auto", help="device of --lm-run's model (default auto)")
     r.add_argument("--batch-size", type=int, default=64, help="sentences per LM batch with --lm-run")
     _add_output_args(r, "rescore")

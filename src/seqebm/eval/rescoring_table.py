@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqebm.eval.rescoring import (DEFAULT_LENGTH_BONUSES, DEFAULT_LM_WEIGHTS, LENGTH_UNITS, NGramSentenceScorer,
-                                   ScorerSpec, rescore_files)
+from seqebm.eval.rescoring import (AM_FIELDS, DEFAULT_LENGTH_BONUSES, DEFAULT_LM_WEIGHTS, LENGTH_UNITS,
+                                   NGramSentenceScorer, ScorerSpec, rescore_files)
 from seqebm.eval.run_tables import Analysis, _document, format_mean_std, markdown_table, mean_std
 from seqebm.io import atomic_write_text
 
@@ -118,7 +118,7 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
                       tests: Sequence[str] = ("test", "test_unseen"), nbest_dir: str = "nbest",
                       lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
                       length_bonuses: Iterable[float] = DEFAULT_LENGTH_BONUSES, length: str = "words",
-                      device: str = "auto", batch_size: int = 64, cache_dir: str | None = None,
+                      am: str = "acoustic", device: str = "auto", batch_size: int = 64, cache_dir: str | None = None,
                       decimals: int = 2, name: str = "rescore-table", log=print) -> Analysis:
     """Rescore every n-best run with every LM; the WER table (see the module doc). Pairs are cached."""
     runs = [Path(r) for r in nbest_runs]
@@ -130,6 +130,8 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
         raise ValueError("two LMs share a name")
     if length not in LENGTH_UNITS:
         raise ValueError(f"length must be one of {', '.join(LENGTH_UNITS)}, got {length!r}")
+    if am not in AM_FIELDS:
+        raise ValueError(f"am must be one of {', '.join(AM_FIELDS)}, got {am!r}")
     tests = list(tests)
     if not tests:
         raise ValueError("give at least one test list name")
@@ -140,7 +142,7 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
 
     def key_of(run: Path, lm: LMEntry) -> dict[str, Any]:  # what a cached pair must match to be reused
         return {"run": str(run / nbest_dir), "lm": lm.spec, "tests": tests, "lm_weights": lm_weights,
-                "length_bonuses": length_bonuses, "length": length}
+                "length_bonuses": length_bonuses, "length": length, "am": am}
 
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for lm in lms:
@@ -159,7 +161,7 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
             log(f"[seqebm] rescoring {run.name} with {lm.name}")
             dev, test_paths = files[run]
             data = rescore_files(dev, test_paths, scorer, lm_weights=lm_weights, length_bonuses=length_bonuses,
-                                 length=length).data
+                                 length=length, am=am).data
             atomic_write_text(path, json.dumps({"key": key, "data": data}, indent=2, allow_nan=False) + "\n")
             cells[run.name, lm.name] = data
 
@@ -191,12 +193,13 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
         rows.append([label, *(format_mean_std(x, decimals) for x in stats), lam])
         summary[key] = entry
     seeds = {s: [_system(r)[1] for r in rs] for s, rs in systems.items()}
-    intro = (f"score = AM + λ·LM + β·|y| (|y| in {length}); λ, β tuned per recogniser run on its own dev list "
-             "(corpus WER), then applied to its test lists. Mean ± sample std over the runs of each system "
-             f"(seeds: {'; '.join(f'{s}: {v}' for s, v in seeds.items())}). The first three rows need no LM; "
-             "'AM only' tunes β alone.")
-    data = {"analysis": "rescore-table", "nbest_dir": nbest_dir, "tests": tests, "length": length,
-            "lm_weights": lm_weights, "length_bonuses": length_bonuses, "systems": {s: [str(r) for r in rs] for s, rs in systems.items()},
+    intro = (f"score = AM + λ·LM + β·|y| (|y| in {length}; AM: the hypotheses' `{am}`); λ, β tuned per "
+             "recogniser run on its own dev list (corpus WER), then applied to its test lists. Mean ± sample std "
+             f"over the runs of each system (seeds: {'; '.join(f'{s}: {v}' for s, v in seeds.items())}). "
+             "The first three rows need no LM; 'AM only' tunes β alone.")
+    data = {"analysis": "rescore-table", "nbest_dir": nbest_dir, "tests": tests, "length": length, "am": am,
+            "lm_weights": lm_weights, "length_bonuses": length_bonuses,
+            "systems": {s: [str(r) for r in rs] for s, rs in systems.items()},
             "lms": {e.name: e.spec for e in lms}, "summary": summary}
     return Analysis(name, _document("N-best rescoring: LMs x recognisers", intro, markdown_table(header, rows), []),
                     data)
@@ -210,7 +213,7 @@ def _cmd(args: argparse.Namespace) -> int:
     analysis = compare_rescoring(args.nbest_runs, lms, args.out, tests=args.tests, nbest_dir=args.nbest_dir,
                                  lm_weights=args.lm_weights or DEFAULT_LM_WEIGHTS,
                                  length_bonuses=args.length_bonuses or DEFAULT_LENGTH_BONUSES, length=args.length,
-                                 device=args.device, batch_size=args.batch_size, decimals=args.decimals,
+                                 am=args.am, device=args.device, batch_size=args.batch_size, decimals=args.decimals,
                                  name=args.name)
     return _emit(analysis, args)
 
@@ -234,6 +237,8 @@ def register_rescore_table_command(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--lm-weights", type=float, nargs="+", default=None, help="grid of λ (0 always added)")
     r.add_argument("--length-bonuses", type=float, nargs="+", default=None, help="grid of β (0 always added)")
     r.add_argument("--length", choices=LENGTH_UNITS, default="words", help="unit of |y| for β (default words)")
+    r.add_argument("--am", choices=AM_FIELDS, default="acoustic",
+                   help="hypothesis field used as AM: acoustic (default) or the recogniser's total score")
     r.add_argument("--device", default="auto")
     r.add_argument("--batch-size", type=int, default=64)
     _add_output_args(r, "rescore-table")
