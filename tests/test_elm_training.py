@@ -136,3 +136,33 @@ def test_rescore_cli_with_an_elm_run(tmp_path):
                  "--elm-run", str(run), "--out", str(out), "--device", "cpu"]) == 0
     data = json.loads(next(out.glob("*.json")).read_text())
     assert "ELMScorer" in data["scorer"]
+
+
+def test_ngram_baseline_perplexity_by_hand(tmp_path, capsys):
+    """elm ngram: the KN baseline's perplexity uses the ELM runs' vocabulary and units (W = Σ(l + 1))."""
+    from seqebm.eval.sentence_scorers import NGramSentenceScorer
+    from seqebm.training.elm import OOV_WORD
+
+    files = {}
+    train = ["the cat sat", "the dog sat", "the cat ran", "a dog ran on the mat"] * 4 + ["the emu sat"]
+    for split, lines in (("train", train), ("valid", ["the cat sat on a mat", "the yak ran", "x " * 12]),
+                         ("test", ["a cat sat"])):
+        (tmp_path / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        files[split] = str(tmp_path / f"{split}.txt")
+    run = tmp_path / "kn2"
+    args = ["elm", "ngram", "--config", "configs/elm-alm.yaml", "--run-dir", str(run), "--order", "2",
+            "data.corpus=files", f"data.train_file={files['train']}", f"data.valid_file={files['valid']}",
+            f"data.test_file={files['test']}", "data.min_count=4", "data.max_length=10", "data.batch_size=4"]
+    assert main(args) == 0
+    res = json.loads((run / "results.json").read_text())
+    # min_count=4 keeps the words seen >= 4 times; "emu" (once) and the unseen "yak" become one token
+    kept = {"the", "cat", "sat", "dog", "ran", "a", "on", "mat"}
+    kn = NGramSentenceScorer.fit([" ".join(w if w in kept else OOV_WORD for w in s.split()) for s in train], 2)
+    ll = kn(["the cat sat on a mat", f"the {OOV_WORD} ran"])
+    assert res["valid"]["words"] == 7 + 4 and res["valid"]["excluded_longer"] == 1  # the 12-word line is left out
+    assert res["valid"]["ppl"] == pytest.approx(math.exp(-float(ll.sum()) / 11))
+    assert res["test"]["ppl"] == pytest.approx(math.exp(-float(kn(["a cat sat"]).sum()) / 4))
+    reloaded = NGramSentenceScorer.load(run / "kn.json")
+    assert reloaded(["the cat sat"]).item() == pytest.approx(kn(["the cat sat"]).item())
+    assert main(args) == 2  # the run folder exists: nothing is overwritten
+    assert "exists" in capsys.readouterr().err
