@@ -101,6 +101,15 @@ def test_finished_pairs_are_reused_and_a_new_grid_recomputes(setup, monkeypatch)
     logs.clear()
     compare_rescoring(runs[:2], lms, root / "out", lm_weights=[1.0, 2.0], length_bonuses=[0.0], log=logs.append)
     assert sum("rescoring" in m for m in logs) == 2  # the grid is part of a cell's key
+    logs.clear()
+    with open(runs[0] / "nbest" / "test.jsonl", "a") as f:  # new lists for one run: only its pair is redone
+        f.write(_list("extra", "a dog ran", [("a dog ran", -1.0, -1.0)]) + "\n")
+    compare_rescoring(runs[:2], lms, root / "out", lm_weights=[1.0, 2.0], length_bonuses=[0.0], log=logs.append)
+    assert [m for m in logs if "rescoring" in m] == ["[seqebm] rescoring rec-s0 with kn2"]
+    logs.clear()
+    text.write_text("\n".join(TEXT[:4]) + "\n")  # the n-gram's text changed: every pair of that LM is redone
+    compare_rescoring(runs[:2], lms, root / "out", lm_weights=[1.0, 2.0], length_bonuses=[0.0], log=logs.append)
+    assert sum("rescoring" in m for m in logs) == 2
 
 
 def test_bad_entries_and_inputs(setup):

@@ -30,6 +30,7 @@ Rows: the lists' own 1-best, the oracle, AM only (λ = 0, β tuned), then one ro
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,17 @@ class LMEntry:
 
     name: str
     spec: str
+
+    def fingerprint(self) -> str | None:
+        """Of the files the LM is built from (a run's results/weights, an n-gram's text); None for the rest."""
+        kind, _, arg = self.spec.partition(":")
+        if kind in ("elm", "ar"):
+            return _fingerprint([p for p in (Path(arg) / "results.json", Path(arg) / "model.safetensors")
+                                 if p.is_file()])
+        if kind == "ngram":
+            path = arg.rpartition(":")[0] if re.search(r":\d+$", arg) else arg
+            return None if path == "speech-text" else _fingerprint([Path(path)])
+        return None
 
     def build(self, *, device: str = "auto", batch_size: int = 64, cache_dir: str | None = None):
         kind, _, arg = self.spec.partition(":")
@@ -109,6 +121,14 @@ def _nbest_files(run: Path, tests: Sequence[str], folder: str) -> tuple[Path, li
     return dev, [run / folder / f"{t}.jsonl" for t in tests]
 
 
+def _fingerprint(paths: Sequence[Path]) -> str:
+    """SHA-256 over the bytes of the files: a cached pair is redone when its lists or its LM change."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def _system(run: Path) -> tuple[str, int | None]:
     m = _SEED.search(run.name)
     return (run.name[: m.start()], int(m.group(1))) if m else (run.name, None)
@@ -141,7 +161,8 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
     def key_of(run: Path, lm: LMEntry) -> dict[str, Any]:  # what a cached pair must match to be reused
-        return {"run": str(run / nbest_dir), "lm": lm.spec, "tests": tests, "lm_weights": lm_weights,
+        return {"run": str(run / nbest_dir), "lists": _fingerprint([files[run][0], *files[run][1]]), "lm": lm.spec,
+                "lm_files": lm.fingerprint(), "tests": tests, "lm_weights": lm_weights,
                 "length_bonuses": length_bonuses, "length": length, "am": am}
 
     cells: dict[tuple[str, str], dict[str, Any]] = {}
