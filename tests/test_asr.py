@@ -78,3 +78,17 @@ def test_bad_manifest_and_config_are_refused(corpus, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert main(["asr", "train", "--run-dir", str(tmp_path / "r"), "model.kind=hmm"]) == 2
     assert "model.kind must be one of ctc, ctc_crf, rnnt" in capsys.readouterr().err
+
+
+def test_compare_trains_missing_runs_and_no_train_only_tabulates(corpus, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    base = ["--configs", "configs/asr-ctc.yaml", "--fractions", "1.0", "--out", str(out), *_data(corpus), *TINY]
+    assert main(["asr", "compare", "--seeds", "0", *base]) == 0
+    assert (out / "asr-ctc-f1-s0" / "results.json").is_file()
+    capsys.readouterr()
+    assert main(["asr", "compare", "--seeds", "0", "1", "--no-train", *base]) == 0
+    assert not (out / "asr-ctc-f1-s1").exists()  # nothing was trained
+    table = (out / "comparison.md").read_text()
+    assert "(n=1)" in table and "| asr-ctc | ctc | 1 |" in table
+    summary = json.loads((out / "comparison.json").read_text())["summary"]
+    assert len(summary["asr-ctc@1"]["test_cer"]["values"]) == 1

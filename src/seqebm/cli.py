@@ -257,7 +257,8 @@ def cmd_asr(args: argparse.Namespace) -> int:
         print(f"[seqebm] run folder: {run_dir} (n-best lists in {run_dir / 'nbest'})")
         return 0
     if args.action == "compare":
-        compare_asr(args.configs, args.seeds, args.fractions, args.out, overrides=args.overrides)
+        compare_asr(args.configs, args.seeds, args.fractions, args.out, overrides=args.overrides,
+                    train=not args.no_train)
         return 0
     if args.action == "nbest":
         for run in args.run_dirs:
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ac.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     ac.add_argument("--out", required=True)
+    ac.add_argument("--no-train", action="store_true", help="only tabulate the runs that have finished")
     ac.add_argument("overrides", nargs="*")
     ar = asub.add_parser("transcribe", help="transcribe 16 kHz audio files with a trained run")
     ar.add_argument("--run-dir", required=True)

@@ -297,8 +297,12 @@ def run_asr(cfg: AsrConfig, run_dir: str | Path, *, resume: bool = False, log=pr
 
 
 def compare_asr(configs: list[str | Path], seeds: list[int], fractions: list[float], out_dir: str | Path, *,
-                overrides: list[str] | None = None, log=print) -> dict[str, Any]:
-    """Every config x training fraction x seed under ``out_dir/<stem>-f<fraction>-s<seed>``; mean ± std table."""
+                overrides: list[str] | None = None, train: bool = True, log=print) -> dict[str, Any]:
+    """Every config x training fraction x seed under ``out_dir/<stem>-f<fraction>-s<seed>``; mean ± std table.
+
+    Finished runs are read back, unfinished ones resumed. With ``train=False`` nothing is trained:
+    the table covers the finished runs only, and a cell with fewer seeds says ``(n=k)``.
+    """
     from seqebm.eval.run_tables import format_mean_std, markdown_table, mean_std
 
     if not configs or not seeds or not fractions:
@@ -315,17 +319,25 @@ def compare_asr(configs: list[str | Path], seeds: list[int], fractions: list[flo
                 if (run / "results.json").is_file():
                     results.append(json.loads((run / "results.json").read_text()))
                     continue
+                if not train:
+                    continue
                 cfg = load_config(AsrConfig, path, list(overrides or []) + [f"train.seed={seed}",
                                                                              f"data.train_fraction={frac}"])
                 results.append(run_asr(cfg, run, resume=(run / "checkpoint.safetensors").is_file(), log=log))
-            splits = [s for s in ("test", "test_unseen") if s in results[0]]
-            stats = {f"{s}_{m}": mean_std([100 * r[s][m] for r in results]) for s in splits for m in ("cer", "wer")}
+            if not results:
+                table.append([stem, "", f"{frac:g}", *(["n/a"] * 4)])
+                continue
+            stats = {f"{s}_{m}": mean_std([100 * r[s][m] for r in results if s in r])
+                     for s in ("test", "test_unseen") for m in ("cer", "wer")}
             summary[f"{stem}@{frac:g}"] = {k: {"mean": v.mean, "std": v.std, "values": v.values}
                                           for k, v in stats.items()}
-            table.append([stem, results[0]["kind"], f"{frac:g}", *(format_mean_std(v, 2) for v in stats.values())])
-    header = ["config", "model", "train fraction", *(f"{k.replace('_', ' ')} (%)" for k in stats)]
-    text = (f"# Recogniser comparison ({len(seeds)} seeds)\n\nMean ± sample std over seeds; CER/WER in %, "
-            "best-dev-CER weights, beam-search decoding.\n\n" + markdown_table(header, table) + "\n")
+            table.append([stem, results[0]["kind"], f"{frac:g}",
+                          *(format_mean_std(v, 2, expected_n=len(seeds)) for v in stats.values())])
+    header = ["config", "model", "train fraction", *(f"{k.replace('_', ' ')} (%)" for k in
+                                                     ("test_cer", "test_wer", "test_unseen_cer", "test_unseen_wer"))]
+    text = (f"# Recogniser comparison ({len(seeds)} seeds)\n\nMean ± sample std over seeds ((n=k): only k "
+            "finished); CER/WER in %, best-dev-CER weights, beam-search decoding.\n\n"
+            + markdown_table(header, table) + "\n")
     atomic_write_text(out / "comparison.md", text)
     atomic_write_text(out / "comparison.json", json.dumps({"seeds": seeds, "fractions": fractions,
                                                            "summary": summary}, indent=2))
