@@ -49,3 +49,22 @@ def test_too_short_input_is_refused():
         AcousticEncoder(20, arch="rnn")
     with pytest.raises(ValueError, match="num_features=6 is too small"):
         AcousticEncoder(6)
+
+
+def test_rnnt_decoding_step_batches_the_prediction_network_exactly():
+    """The decoder's cached, batched prediction-network steps equal running each prefix from scratch."""
+    from seqebm.training.asr import _rnnt_step
+
+    torch.manual_seed(0)
+    net = RNNTAcousticModel(AcousticEncoder(20, d_model=16, num_layers=1, dropout=0.0), 5, pred_dim=8,
+                            joint_dim=8, dropout=0.0).eval()
+    f = torch.randn(4, net.encoder.out_dim)
+    step = _rnnt_step(net, f)
+    calls = [[()], [(1,), (2,), (3,)], [(1, 4), (2, 2), (3, 1), (1,)], [(2, 2, 4, 1)], [(), (1, 4)]]
+    with torch.no_grad():
+        for t, prefixes in enumerate(calls):
+            got = step(t % 4, prefixes)
+            for n, p in enumerate(prefixes):
+                g, _ = net.predict(torch.tensor([[0, *p]]), None)
+                want = net.joint(f[t % 4].unsqueeze(0), g[:, -1])
+                torch.testing.assert_close(got[n], want[0], rtol=1e-5, atol=1e-6)

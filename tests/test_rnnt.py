@@ -127,3 +127,40 @@ def test_bad_input():
         rnnt_loss(lp, **ok, reduction="avg")
     with pytest.raises(ValueError, match="beam_size and nbest must be >= 1"):
         rnnt_beam_search(lambda t, p: torch.zeros(len(p), 3), 2, beam_size=0)
+
+
+def _reference_beam_search(step, num_frames, *, beam_size, max_symbols, nbest):
+    """The search written plainly (dicts, one label at a time): what the vectorised version must equal."""
+    beams = {(): 0.0}
+    for t in range(num_frames):
+        arrived, frontier = {}, dict(beams)
+        for depth in range(max_symbols + 1):
+            if not frontier:
+                break
+            prefixes = list(frontier)
+            lp = step(t, prefixes).double()
+            nxt = {}
+            for i, p in enumerate(prefixes):
+                arrived[p] = lse(arrived.get(p, -math.inf), frontier[p] + float(lp[i, 0]))
+                if depth < max_symbols:
+                    for k in range(1, lp.shape[1]):
+                        nxt[p + (k,)] = lse(nxt.get(p + (k,), -math.inf), frontier[p] + float(lp[i, k]))
+            frontier = dict(sorted(nxt.items(), key=lambda kv: kv[1], reverse=True)[: beam_size * 4])
+        beams = dict(sorted(arrived.items(), key=lambda kv: kv[1], reverse=True)[:beam_size])
+    return sorted(beams.items(), key=lambda kv: kv[1], reverse=True)[:nbest]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pruned_beam_search_equals_the_plain_search(seed):
+    """With real pruning (small beams, long inputs) the vectorised search keeps the same hypotheses."""
+    g = torch.Generator().manual_seed(seed)
+    T, Umax, C = 7, 6, 5
+    table = (torch.randn(T, Umax + 1, C, C, generator=g, dtype=torch.float64) * 2).log_softmax(-1)
+    table[:, Umax, :, 1:] = float("-inf")
+    table[:, Umax, :, 0] = 0.0
+    step = _step_from_table(table)
+    for beam, max_symbols in ((1, 2), (2, 3), (3, 6)):
+        got = rnnt_beam_search(step, T, beam_size=beam, max_symbols=max_symbols, nbest=beam)
+        want = _reference_beam_search(step, T, beam_size=beam, max_symbols=max_symbols, nbest=beam)
+        assert [tuple(h.labels) for h in got] == [p for p, _ in want]
+        assert [h.log_prob for h in got] == pytest.approx([s for _, s in want], abs=1e-12)

@@ -122,27 +122,28 @@ def rnnt_beam_search(step: StepFn, num_frames: int, *, beam_size: int = 8, max_s
     """
     if beam_size < 1 or nbest < 1 or max_symbols < 0:
         raise ValueError("beam_size and nbest must be >= 1 and max_symbols >= 0")
+    width = beam_size * 4  # the expansions kept at each depth: bounds the work per frame
     beams: dict[tuple[int, ...], float] = {(): 0.0}
     for t in range(num_frames):
         arrived: dict[tuple[int, ...], float] = {}
-        frontier = dict(beams)  # prefixes at frame t with the probability of being there
+        prefixes = list(beams)  # at frame t, with the log-probability of being there
+        base = torch.tensor([beams[p] for p in prefixes], dtype=torch.float64)
         for depth in range(max_symbols + 1):
-            if not frontier:
+            lp = step(t, prefixes).double().cpu()  # (N, C)
+            for p, a in zip(prefixes, (base + lp[:, 0]).tolist()):  # blank: on to frame t+1
+                arrived[p] = _lse(arrived.get(p, -math.inf), a)
+            if depth == max_symbols:
                 break
-            prefixes = list(frontier)
-            lp = step(t, prefixes).double().cpu()
-            nxt: dict[tuple[int, ...], float] = {}
-            for i, p in enumerate(prefixes):
-                base = frontier[p]
-                arrived[p] = _lse(arrived.get(p, -math.inf), base + float(lp[i, 0]))  # blank: on to t+1
-                if depth < max_symbols:
-                    row = lp[i].tolist()
-                    for k in range(1, len(row)):
-                        q = p + (k,)
-                        nxt[q] = _lse(nxt.get(q, -math.inf), base + row[k])
-            if len(nxt) > beam_size * 4:  # keep the expansion itself bounded
-                nxt = dict(sorted(nxt.items(), key=lambda kv: kv[1], reverse=True)[: beam_size * 4])
-            frontier = nxt
+            # one more label: the N·(C-1) extensions p + (k,) are distinct (the prefixes are), so
+            # nothing merges here; keep the ``width`` most probable
+            ext = (base[:, None] + lp[:, 1:]).reshape(-1)
+            if ext.numel() == 0:  # no labels at all (C = 1)
+                break
+            top = torch.topk(ext, min(width, ext.numel()))
+            c1 = lp.shape[1] - 1
+            idx = top.indices.tolist()
+            prefixes = [prefixes[i // c1] + (i % c1 + 1,) for i in idx]
+            base = top.values
         beams = dict(sorted(arrived.items(), key=lambda kv: kv[1], reverse=True)[:beam_size])
     hyps = [RNNTHypothesis(list(p), s) for p, s in beams.items()]
     hyps.sort(key=lambda h: h.log_prob, reverse=True)

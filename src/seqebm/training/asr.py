@@ -202,22 +202,30 @@ class AsrTask:
 
 
 def _rnnt_step(net: nn.Module, f: torch.Tensor):
-    """``step(t, prefixes) -> (N, C)`` log-probs of an RNN-T for one utterance's encodings f (T, D)."""
-    cache: dict[tuple[int, ...], tuple[torch.Tensor, Any]] = {}
+    """``step(t, prefixes) -> (N, C)`` log-probs of an RNN-T for one utterance's encodings f (T, D).
 
-    def pred(prefix: tuple[int, ...]):
-        if prefix not in cache:
-            if prefix:
-                g_prev, state = pred(prefix[:-1])
-                tok = torch.tensor([[prefix[-1]]], device=f.device)
-            else:
-                state, tok = None, torch.zeros(1, 1, dtype=torch.long, device=f.device)
-            g, state = net.predict(tok, state)
-            cache[prefix] = (g[0, -1], state)
-        return cache[prefix]
+    The prediction network's output and state are cached per label prefix; the prefixes a call
+    has not seen yet are advanced from their parents' states in one batched LSTM step.
+    """
+    cache: dict[tuple[int, ...], tuple[torch.Tensor, Any]] = {}
+    g0, s0 = net.predict(torch.zeros(1, 1, dtype=torch.long, device=f.device), None)
+    cache[()] = (g0[0, -1], s0)
+
+    def extend(prefixes: list[tuple[int, ...]]) -> None:
+        todo = list(dict.fromkeys(p for p in prefixes if p not in cache))
+        if not todo:
+            return
+        extend([p[:-1] for p in todo])  # parents first (a beam step adds one label, so this is shallow)
+        states = [cache[p[:-1]][1] for p in todo]
+        state = tuple(torch.cat([st[i] for st in states], dim=1) for i in range(len(states[0])))
+        tok = torch.tensor([[p[-1]] for p in todo], device=f.device)
+        g, state = net.predict(tok, state)
+        for n, p in enumerate(todo):
+            cache[p] = (g[n, -1], tuple(x[:, n:n + 1] for x in state))
 
     def step(t: int, prefixes: list[tuple[int, ...]]) -> torch.Tensor:
-        g = torch.stack([pred(p)[0] for p in prefixes])
+        extend(prefixes)
+        g = torch.stack([cache[p][0] for p in prefixes])
         return net.joint(f[t].unsqueeze(0), g)
 
     return step
