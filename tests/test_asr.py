@@ -83,8 +83,13 @@ def test_bad_manifest_and_config_are_refused(corpus, tmp_path, capsys):
 def test_compare_trains_missing_runs_and_no_train_only_tabulates(corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     base = ["--configs", "configs/asr-ctc.yaml", "--fractions", "1.0", "--out", str(out), *_data(corpus), *TINY]
+    stopped = out / "asr-ctc-f1-s0"  # a run killed before its first checkpoint: started again from scratch
+    stopped.mkdir(parents=True)
+    (stopped / "config.yaml").write_text("name: old\n")
+    (stopped / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
     assert main(["asr", "compare", "--seeds", "0", *base]) == 0
     assert (out / "asr-ctc-f1-s0" / "results.json").is_file()
+    assert "name: old" not in (stopped / "config.yaml").read_text()
     capsys.readouterr()
     assert main(["asr", "compare", "--seeds", "0", "1", "--no-train", *base]) == 0
     assert not (out / "asr-ctc-f1-s1").exists()  # nothing was trained

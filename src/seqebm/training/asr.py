@@ -304,6 +304,20 @@ def run_asr(cfg: AsrConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     return results
 
 
+#: what a run writes before its first checkpoint: a folder holding only these has nothing to resume
+_BEFORE_FIRST_CHECKPOINT = frozenset({"config.yaml", "metrics.jsonl", "label_lm.json"})
+
+
+def _clear_unstarted(run: Path) -> None:
+    """Empty a run folder that was stopped before its first checkpoint, so the run can start again."""
+    if not run.is_dir() or (run / "checkpoint.safetensors").is_file():
+        return
+    names = {p.name for p in run.iterdir()}
+    if names and names <= _BEFORE_FIRST_CHECKPOINT:
+        for name in names:
+            (run / name).unlink()
+
+
 def compare_asr(configs: list[str | Path], seeds: list[int], fractions: list[float], out_dir: str | Path, *,
                 overrides: list[str] | None = None, train: bool = True, log=print) -> dict[str, Any]:
     """Every config x training fraction x seed under ``out_dir/<stem>-f<fraction>-s<seed>``; mean ± std table.
@@ -329,6 +343,7 @@ def compare_asr(configs: list[str | Path], seeds: list[int], fractions: list[flo
                     continue
                 if not train:
                     continue
+                _clear_unstarted(run)
                 cfg = load_config(AsrConfig, path, list(overrides or []) + [f"train.seed={seed}",
                                                                              f"data.train_fraction={frac}"])
                 results.append(run_asr(cfg, run, resume=(run / "checkpoint.safetensors").is_file(), log=log))
