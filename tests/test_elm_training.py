@@ -141,7 +141,7 @@ def test_rescore_cli_with_an_elm_run(tmp_path):
 def test_ngram_baseline_perplexity_by_hand(tmp_path, capsys):
     """elm ngram: the KN baseline's perplexity uses the ELM runs' vocabulary and units (W = Σ(l + 1))."""
     from seqebm.eval.sentence_scorers import NGramSentenceScorer
-    from seqebm.training.elm import OOV_WORD
+    from seqebm.training.elm_ngram import OOV_WORD
 
     files = {}
     train = ["the cat sat", "the dog sat", "the cat ran", "a dog ran on the mat"] * 4 + ["the emu sat"]

@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.training.elm import register_elm_train_command
 
     register_elm_train_command(elm_sub)  # seqebm elm train
+    from seqebm.training.elm_ngram import register_elm_ngram_command
+
+    register_elm_ngram_command(elm_sub)  # seqebm elm ngram
     from seqebm.training.jem import register_jem_commands
     from seqebm.training.jrf import register_ssl_commands
 

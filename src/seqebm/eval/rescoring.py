@@ -121,8 +121,6 @@ def _lm_scores(records: Sequence[NBestList], scorer: SentenceScorer | None) -> l
 def _am_scores(r: NBestList, am: str) -> list[float]:
     if am == "acoustic":
         return [h.acoustic for h in r.hypotheses]
-    if am != "score":
-        raise ValueError(f"am must be one of {', '.join(AM_FIELDS)}, got {am!r}")
     missing = [k for k, h in enumerate(r.hypotheses, 1) if h.score is None]
     if missing:
         raise ValueError(f"utterance {r.id!r}, hypothesis {missing[0]} has no score (am='score' needs every "

@@ -58,12 +58,13 @@ class LMEntry:
 
     def fingerprint(self) -> str | None:
         """Of the files the LM is built from (a run's results/weights, an n-gram's text); None for the rest."""
+        from seqebm.training.trainer import BEST_MODEL
+
         kind, _, arg = self.spec.partition(":")
         if kind in ("elm", "ar"):
-            return _fingerprint([p for p in (Path(arg) / "results.json", Path(arg) / "model.safetensors")
-                                 if p.is_file()])
+            return _fingerprint([p for p in (Path(arg) / "results.json", Path(arg) / BEST_MODEL) if p.is_file()])
         if kind == "ngram":
-            path = arg.rpartition(":")[0] if re.search(r":\d+$", arg) else arg
+            path, _ = _ngram_source(arg)
             return None if path == "speech-text" else _fingerprint([Path(path)])
         return None
 
@@ -73,13 +74,21 @@ class LMEntry:
             return None
         if kind in ("elm", "ar"):
             return ScorerSpec(kind, lm_run=arg, device=device, batch_size=batch_size).build()
-        path, _, order = arg.rpartition(":") if re.search(r":\d+$", arg) else (arg, "", "3")
+        path, order = _ngram_source(arg)
         if path == "speech-text":
             from seqebm.data.elm_text import load_elm_sentences
 
             sentences = [" ".join(s) for s in load_elm_sentences("speech-text", "train", cache_dir=cache_dir)]
-            return NGramSentenceScorer.fit(sentences, int(order))
-        return ScorerSpec("ngram", ngram_train=path, ngram_order=int(order)).build()
+            return NGramSentenceScorer.fit(sentences, order)
+        return ScorerSpec("ngram", ngram_train=path, ngram_order=order).build()
+
+
+def _ngram_source(arg: str) -> tuple[str, int]:
+    """``FILE[:ORDER]`` of an ``ngram:`` spec -> (FILE, ORDER); the order defaults to 3."""
+    m = re.fullmatch(r"(.+?)(?::(\d+))?", arg)
+    if not arg or m is None:
+        raise ValueError("ngram needs a text file (ngram:FILE[:ORDER])")
+    return m.group(1), int(m.group(2) or 3)
 
 
 def parse_lm_entry(text: str) -> LMEntry:
@@ -98,13 +107,14 @@ def parse_lm_entry(text: str) -> LMEntry:
         if not (Path(arg) / "config.yaml").is_file():
             raise FileNotFoundError(f"--lm {text!r}: {arg} is not a run folder (no config.yaml)")
     elif kind == "ngram":
-        m = re.fullmatch(r"(.+?)(?::(\d+))?", arg)
-        if not arg or m is None:
-            raise ValueError(f"--lm {text!r}: ngram needs a text file (ngram:FILE[:ORDER])")
-        if m.group(2) is not None and int(m.group(2)) < 1:
+        try:
+            path, order = _ngram_source(arg)
+        except ValueError as e:
+            raise ValueError(f"--lm {text!r}: {e}") from None
+        if order < 1:
             raise ValueError(f"--lm {text!r}: the n-gram order must be >= 1")
-        if m.group(1) != "speech-text" and not Path(m.group(1)).is_file():
-            raise FileNotFoundError(f"--lm {text!r}: n-gram training text {m.group(1)} not found")
+        if path != "speech-text" and not Path(path).is_file():
+            raise FileNotFoundError(f"--lm {text!r}: n-gram training text {path} not found")
     else:
         raise ValueError(f"--lm {text!r}: SPEC must start with list, ngram:, elm: or ar:")
     return LMEntry(name, spec)
@@ -160,17 +170,15 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
-    def key_of(run: Path, lm: LMEntry) -> dict[str, Any]:  # what a cached pair must match to be reused
-        return {"run": str(run / nbest_dir), "lists": _fingerprint([files[run][0], *files[run][1]]), "lm": lm.spec,
-                "lm_files": lm.fingerprint(), "tests": tests, "lm_weights": lm_weights,
-                "length_bonuses": length_bonuses, "length": length, "am": am}
-
+    lists = {r: _fingerprint([files[r][0], *files[r][1]]) for r in runs}
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for lm in lms:
-        scorer, built = None, False
+        scorer, built, lm_files = None, False, lm.fingerprint()
         for run in runs:
             path = out / "cells" / f"{run.name}__{lm.name}.json"
-            key = key_of(run, lm)
+            key = {"run": str(run / nbest_dir), "lists": lists[run], "lm": lm.spec, "lm_files": lm_files,
+                   "tests": tests, "lm_weights": lm_weights, "length_bonuses": length_bonuses, "length": length,
+                   "am": am}  # what a cached pair must match to be reused
             if path.is_file():
                 cached = json.loads(path.read_text(encoding="utf-8"))
                 if cached.get("key") == key:

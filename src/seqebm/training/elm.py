@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
-from seqebm.config import load_config, save_config, to_dict
+from seqebm.config import load_config, save_config
 from seqebm.data.elm_text import SentenceBatchSource, encode_sentences, load_elm_sentences
 from seqebm.data.tagged import WordVocabulary
 from seqebm.io import atomic_write_text
@@ -47,8 +46,7 @@ from seqebm.models.elm import GNELM, TRFLM, MixedPotential, ResidualELM, length_
 from seqebm.models.sentence_lm import BoundedSentenceLM
 from seqebm.training.config import OptimConfig, TrainerConfig
 
-__all__ = ["ElmConfig", "build_elm", "run_elm", "run_ngram_baseline", "importance_log_normalizers", "ELMScorer",
-           "sentence_log_probs"]
+__all__ = ["ElmConfig", "build_elm", "run_elm", "importance_log_normalizers", "ELMScorer", "sentence_log_probs"]
 
 KINDS = ("trf", "gn", "residual", "alm", "electric", "mlm")
 OBJECTIVES = {"trf": ("dnce", "augsa"), "gn": ("dnce",), "residual": ("nce",), "alm": ("mle",), "electric": ("nce",),
@@ -459,57 +457,6 @@ def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=pr
     return results
 
 
-#: the token that stands for every out-of-vocabulary word in the n-gram baseline (not a reserved word of
-#: :class:`~seqebm.eval.sentence_scorers.NGramSentenceScorer`, so it is counted like any other word)
-OOV_WORD = "<oov>"
-
-
-def run_ngram_baseline(cfg: ElmConfig, run_dir: str | Path, *, order: int = 3, log=print) -> dict[str, Any]:
-    """Interpolated Kneser–Ney ``order``-gram on the recipe's training text: the perplexity baseline (#10, item 5).
-
-    Same text, vocabulary and units as :func:`run_elm`: the vocabulary is built from the training
-    sentences with ``data.min_count`` / ``data.max_vocab``, every other word becomes one token (as
-    ``<unk>`` does for the neural LMs), and valid/test perplexity is per word with one end of
-    sentence per sentence over the sentences of 1..``data.max_length`` words
-    (:func:`evaluate_split`'s W). Writes ``config.yaml`` (the data section and the order),
-    ``vocab.json``, the model as ``kn.json`` and ``results.json`` into ``run_dir`` (must not exist).
-    """
-    from seqebm.eval.sentence_scorers import NGramSentenceScorer
-    from seqebm.training.experiment import prepare_run_dir
-
-    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
-        raise ValueError(f"order must be a positive int, got {order!r}")
-    run_dir = Path(run_dir)
-    t0 = time.perf_counter()
-    text = _load_text(cfg)
-    prepare_run_dir(run_dir, False)
-    vocab = WordVocabulary.build(text["train"], min_count=cfg.data.min_count, max_size=cfg.data.max_vocab)
-    if OOV_WORD in vocab:
-        raise ValueError(f"the training text contains the word {OOV_WORD!r}, which stands for unknown words here")
-    mapped = lambda sentences: [" ".join(w if w in vocab else OOV_WORD for w in s) for s in sentences]  # noqa: E731
-    config = {"name": f"kn{order}", "task": "elm", "data": to_dict(cfg.data), "model": {"kind": "kn", "order": order}}
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    atomic_write_text(run_dir / "vocab.json", json.dumps(vocab.to_dict()))
-    kn = NGramSentenceScorer.fit(mapped(text["train"]), order)
-    kn.save(run_dir / "kn.json")
-    results: dict[str, Any] = {"name": f"kn{order}", "task": "elm", "kind": "kn", "order": order,
-                               "vocab": len(vocab), "train_sentences": len(text["train"])}
-    for split in ("valid", "test"):
-        kept = [s for s in text[split] if 1 <= len(s) <= cfg.data.max_length]
-        if not kept:
-            raise ValueError(f"no {split} sentence has 1..{cfg.data.max_length} words")
-        ll = kn(mapped(kept))
-        words = float(sum(len(s) + 1 for s in kept))
-        nll = float(-ll.sum()) / words
-        results[split] = {"loss": nll, "ppl": math.exp(min(nll, 700.0)), "sentences": len(kept),
-                          "excluded_longer": len(text[split]) - len(kept), "words": words}
-    results["wall_time_s"] = time.perf_counter() - t0
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-    log(f"[seqebm] kn{order}: valid ppl {results['valid']['ppl']:.2f}, test ppl {results['test']['ppl']:.2f} "
-        f"(vocab {len(vocab)}) -> {run_dir}")
-    return results
-
-
 def _perplexity_with_is(model: nn.Module, split: dict[str, Any], log_z: Tensor, se: Tensor) -> dict[str, Any]:
     """Test perplexity after replacing the learned normalisers by the IS estimates, ±2 standard errors."""
     counts = torch.tensor(split["length_counts"], dtype=torch.float64)
@@ -600,17 +547,3 @@ def register_elm_train_command(subparsers) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("overrides", nargs="*")
     t.set_defaults(func=_cmd)
-
-    def _cmd_ngram(args) -> int:
-        cfg = load_config(ElmConfig, args.config, args.overrides)
-        run_elm_dir = Path(args.run_dir or f"runs/kn{args.order}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_ngram_baseline(cfg, run_elm_dir, order=args.order)
-        return 0
-
-    n = subparsers.add_parser("ngram", help="Kneser-Ney n-gram perplexity baseline on an ELM recipe's text and "
-                                            "vocabulary (configs/elm-*.yaml)")
-    n.add_argument("--config")
-    n.add_argument("--run-dir")
-    n.add_argument("--order", type=int, default=3)
-    n.add_argument("overrides", nargs="*", help="data.* overrides (the other sections are not used)")
-    n.set_defaults(func=_cmd_ngram)
