@@ -64,6 +64,23 @@ def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys
     assert ELMScorer(run, device="cpu", unk_penalty=2.5)(["the zebra gnu sat"]).item() == pytest.approx(
         plain.item() - 5.0, abs=1e-6)
     assert scorer.unk_penalty == 0.0
+    # `seqebm elm evaluate`: with the training-time draws and seed it repeats the estimate exactly;
+    # more draws from another seed give another estimate; runs without a normaliser are refused
+    ev = ["elm", "evaluate", str(run), "--no-progress", "--device", "cpu"]
+    if kind in ("alm", "electric", "mlm"):
+        assert main([*ev, "--is-samples", "200"]) == 2
+        assert "no normaliser" in capsys.readouterr().err
+    else:
+        assert main([*ev, "--is-samples", "200"]) == 0
+        again = json.loads((run / "is-200-s17.json").read_text())
+        assert again["is_log_normalizers"] == res["is_log_normalizers"]
+        assert again["test"]["ppl"] == pytest.approx(res["test_is"]["ppl"], rel=1e-9)
+        assert again["test"]["learned_ppl"] == pytest.approx(res["test"]["ppl"], rel=1e-9)
+        assert main([*ev, "--is-samples", "600", "--seed", "3", "--out", str(tmp_path / "more.json")]) == 0
+        more = json.loads((tmp_path / "more.json").read_text())
+        assert more["num_samples"] == 600 and more["seed"] == 3
+        assert more["is_log_normalizers"]["estimate"] != res["is_log_normalizers"]["estimate"]
+        assert math.isfinite(more["valid"]["learned_ppl"])
     # resuming a finished run changes nothing and still evaluates
     assert main(args[:4] + ["--resume", *args[4:]]) == 0
 
@@ -166,3 +183,13 @@ def test_ngram_baseline_perplexity_by_hand(tmp_path, capsys):
     assert reloaded(["the cat sat"]).item() == pytest.approx(kn(["the cat sat"]).item())
     assert main(args) == 2  # the run folder exists: nothing is overwritten
     assert "exists" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    assert main(["elm", "evaluate", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished ELM run" in err and "checkpoint.safetensors" in err
+    with pytest.raises(ValueError, match="num_samples"):
+        from seqebm.training.elm_eval import reestimate_normalizers
+        reestimate_normalizers(tmp_path, num_samples=1)

@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     from seqebm.training.elm_ngram import register_elm_ngram_command
 
     register_elm_ngram_command(elm_sub)  # seqebm elm ngram
+    from seqebm.training.elm_eval import register_elm_evaluate_command
+
+    register_elm_evaluate_command(elm_sub)  # seqebm elm evaluate
     from seqebm.training.jem import register_jem_commands
     from seqebm.training.jrf import register_ssl_commands
 

@@ -302,8 +302,8 @@ def sentence_log_probs(model: nn.Module, batch, *, clamp_length: bool = False) -
 
 @torch.no_grad()
 def importance_log_normalizers(model: nn.Module, lm: BoundedSentenceLM, num_samples: int, *,
-                               batch_size: int = 500, generator: torch.Generator | None = None
-                               ) -> tuple[Tensor, Tensor]:
+                               batch_size: int = 500, generator: torch.Generator | None = None,
+                               progress: bool = False) -> tuple[Tensor, Tensor]:
     """Importance-sampling estimates of the normalisers with q = ``lm`` and their standard errors.
 
     TRF: Ẑ_l = (1/n) Σ_i 1{|y_i| = l} e^{U(y_i)} / q(y_i) for every l (shape (m + 1,)); GN-ELM:
@@ -313,9 +313,11 @@ def importance_log_normalizers(model: nn.Module, lm: BoundedSentenceLM, num_samp
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    from tqdm.auto import tqdm
+
     log_w, lens = [], []
     dev = lm.banned.device
-    for s in range(0, num_samples, batch_size):
+    for s in tqdm(range(0, num_samples, batch_size), desc="IS normalisers", disable=not progress):
         y, ym, log_q = lm.sample(min(batch_size, num_samples - s), generator, device=dev)
         w = int(ym.sum(1).max())
         y, ym = y[:, :w], ym[:, :w]
