@@ -81,6 +81,9 @@ def test_every_kind_trains_evaluates_and_scores(tmp_path, kind, obj, pot, capsys
         assert more["num_samples"] == 600 and more["seed"] == 3
         assert more["is_log_normalizers"]["estimate"] != res["is_log_normalizers"]["estimate"]
         assert math.isfinite(more["valid"]["learned_ppl"])
+        if kind == "residual":  # the base LM's own perplexity, next to the joint model's
+            assert more["test"]["base_ppl"] == pytest.approx(res["base"]["test"], rel=1e-9)
+            assert math.isfinite(res["base"]["valid"])
     # resuming a finished run changes nothing and still evaluates
     assert main(args[:4] + ["--resume", *args[4:]]) == 0
 

@@ -449,6 +449,9 @@ def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=pr
                                "train_time_s": state["elapsed_s"], "lm_pretrain_final_nll": pre}
     for split in ("valid", "test"):
         results[split] = evaluate_split(model, text[split], vocab, cfg.data.max_length, device)
+    if isinstance(model, ResidualELM):  # what the energy adds: the base LM's own perplexity
+        results["base"] = {split: evaluate_split(model.base, text[split], vocab, cfg.data.max_length, device)["ppl"]
+                           for split in ("valid", "test")}
     if cfg.model.kind not in ("alm", *CLOZE):
         g = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 17)
         log_z, se = importance_log_normalizers(model, lm.eval(), cfg.eval.is_samples, generator=g)

@@ -27,6 +27,7 @@ from torch import nn
 from seqebm.config import load_config
 from seqebm.data.tagged import WordVocabulary
 from seqebm.io import atomic_write_text
+from seqebm.models.elm import ResidualELM
 from seqebm.training.elm import (
     CLOZE,
     ElmConfig,
@@ -97,6 +98,8 @@ def reestimate_normalizers(run_dir: str | Path, *, num_samples: int, seed: int |
     for split in ("valid", "test"):
         r = evaluate_split(model, text[split], vocab, cfg.data.max_length, dev)
         result[split] = {"learned_ppl": r["ppl"], **_perplexity_with_is(model, r, log_z, se)}
+        if isinstance(model, ResidualELM):
+            result[split]["base_ppl"] = evaluate_split(model.base, text[split], vocab, cfg.data.max_length, dev)["ppl"]
     result["time_s"] = time.perf_counter() - t0
     atomic_write_text(out, json.dumps(result, indent=2))
     finite = se[torch.isfinite(se)]
