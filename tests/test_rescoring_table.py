@@ -96,7 +96,7 @@ def test_finished_pairs_are_reused_and_a_new_grid_recomputes(setup, monkeypatch)
     monkeypatch.setattr(LMEntry, "build", no_build)
     logs.clear()
     again = compare_rescoring(runs[:2], lms, root / "out", lm_weights=[1.0], length_bonuses=[0.0], log=logs.append)
-    assert logs == [] and again.data == first.data
+    assert [m for m in logs if "warning" not in m] == [] and again.data == first.data
     monkeypatch.undo()
     logs.clear()
     compare_rescoring(runs[:2], lms, root / "out", lm_weights=[1.0, 2.0], length_bonuses=[0.0], log=logs.append)
@@ -171,3 +171,19 @@ def test_am_field_is_part_of_a_cells_key(setup):
     assert total.data["am"] == "score" and "AM: the hypotheses' `score`" in total.markdown
     with pytest.raises(ValueError, match="am must be"):
         compare_rescoring(runs[:1], lm, root / "out", am="lm", **grid)
+
+
+def test_weights_tuned_at_the_edge_of_their_grid_are_reported(setup):
+    root, runs, text = setup
+    lms = [parse_lm_entry(f"kn2=ngram:{text}:2")]
+    logs = []
+    # on the seed-0 lists any λ > 0 fixes the 1-best: with the grid {0, 0.5}, λ = 0.5 is its last point
+    an = compare_rescoring(runs[:1], lms, root / "out", lm_weights=[0.5], length_bonuses=[0.0], log=logs.append)
+    assert an.data["summary"]["kn2"]["lm_weight"] == [0.5]
+    assert [m for m in logs if "warning" in m] == [
+        "[seqebm] warning: tuned λ is at the edge of its grid in 1 of 1 (run, LM) pairs (rec-s0/kn2): widen --lm-weights"]
+    assert "widen --lm-weights" in an.markdown
+    logs.clear()
+    wide = compare_rescoring(runs[:1], lms, root / "out2", lm_weights=[0.25, 0.5, 1.0, 2.0], length_bonuses=[0.0],
+                             log=logs.append)  # ties go to the smaller λ: an interior point now
+    assert wide.data["summary"]["kn2"]["lm_weight"] == [0.25] and not [m for m in logs if "warning" in m]

@@ -48,13 +48,13 @@ from seqebm.eval.sentence_scorers import ARLMScorer, NGramSentenceScorer, Scorer
 __all__ = [
     "AM_FIELDS", "ARLMScorer", "DEFAULT_LENGTH_BONUSES", "DEFAULT_LM_WEIGHTS", "LENGTH_UNITS", "NBestHypothesis",
     "NBestList", "NGramSentenceScorer", "ScorerSpec", "SentenceScorer", "TableScorer", "TuneResult", "parse_nbest",
-    "read_nbest", "register_rescore_command", "rescore", "rescore_files", "tune", "wer_report", "write_nbest",
+    "at_grid_edge", "read_nbest", "register_rescore_command", "rescore", "rescore_files", "tune", "wer_report", "write_nbest",
 ]
 
 #: default grid of LM weights λ (0 is always searched)
-DEFAULT_LM_WEIGHTS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))  # 0, 0.1, ..., 2
+DEFAULT_LM_WEIGHTS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(31))  # 0, 0.1, ..., 3
 #: default grid of length bonuses β per length unit (0 is always searched)
-DEFAULT_LENGTH_BONUSES: tuple[float, ...] = tuple(0.5 * i for i in range(-4, 9))  # -2, -1.5, ..., 4
+DEFAULT_LENGTH_BONUSES: tuple[float, ...] = tuple(0.5 * i for i in range(-8, 21))  # -4, -3.5, ..., 10
 #: what |y| counts: whitespace-separated words, or characters (spaces included)
 LENGTH_UNITS: tuple[str, ...] = ("words", "chars")
 #: which field of a hypothesis is AM(y): its ``acoustic`` score, or the recogniser's total ``score``
@@ -338,6 +338,12 @@ def _fmt_grid(values: Sequence[float]) -> str:
     return "{" + ", ".join(f"{v:g}" for v in values) + "}"
 
 
+def at_grid_edge(value: float, grid: Sequence[float]) -> bool:
+    """True when a tuned weight sits on the first or last point of its grid (other than 0): the best
+    value may lie outside it."""
+    return len(grid) > 1 and value != 0.0 and value in (min(grid), max(grid))
+
+
 def rescore_files(dev_path: str | Path, test_paths: Sequence[str | Path],
                   scorer_spec: ScorerSpec | SentenceScorer | None = None, *,
                   lm_weights: Iterable[float] = DEFAULT_LM_WEIGHTS,
@@ -403,7 +409,7 @@ def rescore_files(dev_path: str | Path, test_paths: Sequence[str | Path],
              ("β", tuned.length_bonus, tuned.length_bonuses, "--length-bonuses"),
              ("β (AM only)", am_only.length_bonus, am_only.length_bonuses, "--length-bonuses"))
     for what, value, grid, flag in edges:
-        if len(grid) > 1 and value != 0.0 and value in (grid[0], grid[-1]):
+        if at_grid_edge(value, grid):
             notes.append(f"tuned {what} = {value:g} is at the edge of its grid {_fmt_grid(grid)}: "
                          f"widen {flag}")
     header = ["set", "utterances", "1-best WER (list order)", "oracle WER", "AM only WER", "AM+LM WER", "λ", "β",

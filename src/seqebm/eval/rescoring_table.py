@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from seqebm.eval.rescoring import (AM_FIELDS, DEFAULT_LENGTH_BONUSES, DEFAULT_LM_WEIGHTS, LENGTH_UNITS,
-                                   NGramSentenceScorer, ScorerSpec, rescore_files)
+                                   NGramSentenceScorer, ScorerSpec, at_grid_edge, rescore_files)
 from seqebm.eval.run_tables import Analysis, _document, format_mean_std, markdown_table, mean_std
 from seqebm.io import atomic_write_text
 
@@ -221,6 +221,15 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
             key, label = label.name, f"{label.name} ({label.spec})"
         rows.append([label, *(format_mean_std(x, decimals) for x in stats), lam])
         summary[key] = entry
+    notes = []
+    for what, field, grid_field, flag in (("λ", "lm_weight", "lm_weights", "--lm-weights"),
+                                          ("β", "length_bonus", "length_bonuses", "--length-bonuses")):
+        edge = sorted(f"{r}/{m}" for (r, m), d in cells.items() if at_grid_edge(d[field], d[grid_field]))
+        if edge:
+            note = (f"tuned {what} is at the edge of its grid in {len(edge)} of {len(cells)} (run, LM) pairs "
+                    f"({', '.join(edge[:4])}{', ...' if len(edge) > 4 else ''}): widen {flag}")
+            notes.append(note)
+            log(f"[seqebm] warning: {note}")
     seeds = {s: [_system(r)[1] for r in rs] for s, rs in systems.items()}
     intro = (f"score = AM + λ·LM + β·|y| (|y| in {length}; AM: the hypotheses' `{am}`); λ, β tuned per "
              "recogniser run on its own dev list (corpus WER), then applied to its test lists. Mean ± sample std "
@@ -230,7 +239,7 @@ def compare_rescoring(nbest_runs: Sequence[str | Path], lms: Sequence[LMEntry], 
             "lm_weights": lm_weights, "length_bonuses": length_bonuses,
             "systems": {s: [str(r) for r in rs] for s, rs in systems.items()},
             "lms": {e.name: e.spec for e in lms}, "summary": summary}
-    return Analysis(name, _document("N-best rescoring: LMs x recognisers", intro, markdown_table(header, rows), []),
+    return Analysis(name, _document("N-best rescoring: LMs x recognisers", intro, markdown_table(header, rows), notes),
                     data)
 
 
