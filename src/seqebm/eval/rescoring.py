@@ -47,8 +47,9 @@ from seqebm.eval.sentence_scorers import ARLMScorer, NGramSentenceScorer, Scorer
 
 __all__ = [
     "AM_FIELDS", "ARLMScorer", "DEFAULT_LENGTH_BONUSES", "DEFAULT_LM_WEIGHTS", "LENGTH_UNITS", "NBestHypothesis",
-    "NBestList", "NGramSentenceScorer", "ScorerSpec", "SentenceScorer", "TableScorer", "TuneResult", "parse_nbest",
-    "at_grid_edge", "read_nbest", "register_rescore_command", "rescore", "rescore_files", "tune", "wer_report", "write_nbest",
+    "NBestList", "NGramSentenceScorer", "ScorerSpec", "SentenceScorer", "TableScorer", "TuneResult", "at_grid_edge",
+    "parse_nbest", "read_nbest", "register_rescore_command", "rescore", "rescore_files", "tune", "wer_report",
+    "write_nbest",
 ]
 
 #: default grid of LM weights λ (0 is always searched)

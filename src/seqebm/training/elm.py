@@ -384,7 +384,9 @@ def _load_text(cfg: ElmConfig) -> dict[str, list[list[str]]]:
     return out
 
 
-def _restore_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[ElmConfig, WordVocabulary, nn.Module]:
+def _restore_run(run_dir: Path, device: torch.device | str = "cpu"
+                 ) -> tuple[ElmConfig, WordVocabulary, nn.Module, nn.Module]:
+    """A finished run's config, vocabulary, best model and (untrained) objective, on ``device`` in eval mode."""
     from seqebm.training.checkpoint import load_model
     from seqebm.training.trainer import BEST_MODEL
 
@@ -394,9 +396,9 @@ def _restore_run(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Elm
     vocab = WordVocabulary.from_dict(json.loads((run_dir / "vocab.json").read_text(encoding="utf-8")))
     train = json.loads((run_dir / "potential_text.json").read_text(encoding="utf-8")) \
         if (run_dir / "potential_text.json").is_file() else []
-    model, _ = build_elm(cfg, vocab, train)
+    model, objective = build_elm(cfg, vocab, train)
     load_model(model, run_dir / BEST_MODEL)
-    return cfg, vocab, model.to(device).eval()
+    return cfg, vocab, model.to(device).eval(), objective.to(device).eval()
 
 
 def run_elm(cfg: ElmConfig, run_dir: str | Path, *, resume: bool = False, log=print) -> dict[str, Any]:
@@ -503,7 +505,7 @@ class ELMScorer:
         from seqebm.training.distributed import resolve_device
 
         self.device = resolve_device(device)
-        self.cfg, self.vocab, self.model = _restore_run(Path(run_dir), self.device)
+        self.cfg, self.vocab, self.model, _ = _restore_run(Path(run_dir), self.device)
         self.batch_size, self.run_dir = batch_size, str(run_dir)
         if unk_penalty is None:
             types = json.loads((Path(run_dir) / "vocab.json").read_text(encoding="utf-8")).get("unk_types", 1)

@@ -32,9 +32,9 @@ from seqebm.training.elm import (
     CLOZE,
     ElmConfig,
     _load_text,
+    _restore_run,
     _perplexity_with_is,
     auxiliary_lm,
-    build_elm,
     evaluate_split,
     importance_log_normalizers,
 )
@@ -46,28 +46,23 @@ def _restore_with_objective(run_dir: Path, device: torch.device) -> tuple[ElmCon
                                                                           nn.Module]:
     """The run's best model and its objective, with the objective's state (noise/proposal LM) from the
     last training checkpoint."""
-    from seqebm.training.checkpoint import _load_weights, _read, load_model
+    from seqebm.training.checkpoint import _load_weights, _read
     from seqebm.training.trainer import BEST_MODEL
 
     needed = ("config.yaml", "vocab.json", BEST_MODEL, "checkpoint.safetensors")
     missing = [f for f in needed if not (run_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished ELM run: missing {', '.join(missing)}")
-    cfg = load_config(ElmConfig, run_dir / "config.yaml")
-    if cfg.model.kind in ("alm", *CLOZE):
-        raise ValueError(f"{run_dir} is a {cfg.model.kind} run: it has no normaliser to estimate "
+    kind = load_config(ElmConfig, run_dir / "config.yaml").model.kind
+    if kind in ("alm", *CLOZE):
+        raise ValueError(f"{run_dir} is a {kind} run: it has no normaliser to estimate "
                          f"(an ALM is normalised by construction; Electric and the MLM give pseudo-likelihoods)")
-    vocab = WordVocabulary.from_dict(json.loads((run_dir / "vocab.json").read_text(encoding="utf-8")))
-    train = json.loads((run_dir / "potential_text.json").read_text(encoding="utf-8")) \
-        if (run_dir / "potential_text.json").is_file() else []
-    model, objective = build_elm(cfg, vocab, train)
-    load_model(model, run_dir / BEST_MODEL)
+    cfg, vocab, model, objective = _restore_run(run_dir, device)
     ckpt = run_dir / "checkpoint.safetensors"
-    tensors, _ = _read(ckpt)
     prefix = "extra.objective."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v.to(device) for k, v in _read(ckpt)[0].items() if k.startswith(prefix)}
     _load_weights(objective, state, ckpt, strict=False)
-    return cfg, vocab, model.to(device).eval(), objective.to(device).eval()
+    return cfg, vocab, model, objective.eval()
 
 
 def reestimate_normalizers(run_dir: str | Path, *, num_samples: int, seed: int | None = None,
